@@ -1,0 +1,103 @@
+"""The two record types every dataset reader yields, the error readers raise, and shared helpers.
+
+Readers are plain functions returning lists of these records; extraction and training only
+ever see records, never dataset-specific file layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file. The message names the file and the record."""
+
+    def __init__(self, path: str | Path, record: object, reason: str):
+        self.path, self.record, self.reason = str(path), record, reason
+        super().__init__(f"{path}: record {record}: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image to encode. `key` is unique within a cache (e.g. "train/17", "458752")."""
+
+    key: str
+    path: str
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One question / statement / caption.
+
+    key: unique id of the text (question_id, questionId, NLVR2 identifier, "train/17").
+    image_keys: the cache keys of the image(s) it is about (two for NLVR2: img0, img1).
+    answers: every human answer as given (VQA: 10; GQA/easy-VQA: 1; NLVR2: ["True"|"False"]).
+    label: soft target scores {answer: score} where the source provides them (LXMERT json, VQA).
+    extra: answer_type, question_type, ... kept for per-type metrics.
+    """
+
+    key: str
+    text: str
+    image_keys: tuple[str, ...]
+    answers: tuple[str, ...] = ()
+    label: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+
+def apply_limit(items: list[T], limit: int | None) -> list[T]:
+    """The first `limit` items, or all of them when `limit` is None."""
+    if limit is None:
+        return items
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    return items[:limit]
+
+
+def load_json(path: str | Path) -> Any:
+    """Parse a whole JSON file; invalid JSON or text becomes an AnnotationError with the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(path, f"line {e.lineno}", f"invalid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationError(path, f"at byte {e.start}", "not UTF-8 text") from e
+
+
+def get_field(
+    obj: object,
+    name: str,
+    kind: type | tuple[type, ...],
+    path: str | Path,
+    record: object,
+    optional: bool = False,
+) -> Any:
+    """`obj[name]` checked against `kind`; None for a missing or null optional field.
+
+    bool is rejected where int is expected: JSON `true` is never a valid id.
+    """
+    if type(obj) is dict and type(value := obj.get(name)) is kind:
+        return value  # the common case, kept cheap: VQA train calls this millions of times
+    if not isinstance(obj, dict):
+        raise AnnotationError(path, record, f"expected a JSON object, got {type(obj).__name__}")
+    value = obj.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise AnnotationError(path, record, f"missing or null field {name!r}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        expected = " or ".join(k.__name__ for k in _as_tuple(kind))
+        raise AnnotationError(
+            path, record, f"field {name!r} should be {expected}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)

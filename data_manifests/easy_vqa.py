@@ -1,0 +1,40 @@
+"""easy-VQA questions, read through the installed `easy_vqa` package (real data, on PyPI).
+
+`get_{train,test}_questions()` return three parallel lists (texts, answers, image_ids):
+38,575 train and 9,673 test questions on 4,000 / 1,000 64x64 PNGs, 13 possible answers.
+Train and test image ids both start at 0, so keys carry the split.
+
+Records: key = "{split}/q{index}" (index into the lists); image_keys = ("{split}/{image_id}",),
+the `easy-vqa` listing's key; answers = (answer,).
+"""
+
+from __future__ import annotations
+
+import easy_vqa as package
+
+from .base import TextRecord, apply_limit
+
+SPLITS = ("train", "test")
+
+
+def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[TextRecord]:
+    """The split's questions in the package's order."""
+    if split not in SPLITS:
+        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    getter = package.get_train_questions if split == "train" else package.get_test_questions
+    texts, answers, image_ids = getter()
+    rows = apply_limit(list(zip(texts, answers, image_ids, strict=True)), limit)
+    return [
+        TextRecord(
+            key=f"{split}/q{index}",
+            text=text,
+            image_keys=(f"{split}/{image_id}",),
+            answers=(answer,),
+        )
+        for index, (text, answer, image_id) in enumerate(rows)
+    ]
+
+
+def easy_vqa_answers() -> list[str]:
+    """The 13 answers, in the package's order (a fixed class index for classifiers)."""
+    return package.get_answers()

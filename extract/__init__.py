@@ -1,0 +1,1 @@
+"""Stage one: frozen encoders that turn images and texts into cached features."""

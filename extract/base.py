@@ -1,0 +1,91 @@
+"""What every frozen encoder offers the extraction loop.
+
+An extractor owns a frozen model in eval mode, a picklable per-item transform (run in DataLoader
+workers), the shapes of the cache fields it writes, and its provenance. `encode` maps a batch on
+the device to a dict of cache fields, named as in `vlpipe.cache.FIELDS`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from vlpipe import provenance as prov
+from vlpipe.weights import WeightsError
+
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Resize to a fixed (height, width) and return uint8 CHW; normalisation happens on the
+    device so workers ship 4x fewer bytes."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        height, width = self.size
+        img = img.resize((width, height), INTERPOLATIONS[self.interpolation])
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 B,3,H,W on any device -> float B,3,H,W."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1) * 255
+        return (pixels.float() - mean) / std
+
+    def record(self) -> dict[str, Any]:
+        return dict(asdict(self), resize="squash to size (no crop)", pixel_order="RGB")
+
+
+class Extractor(nn.Module):
+    """Base of the frozen encoders. Subclasses set backbone/kind/modality and implement
+    `shapes` and `encode`."""
+
+    backbone: str = ""
+    kind: str = ""
+    modality: str = "image"  # or "text"
+    stackable: bool = True  # images of one size: the loop stacks them into a batch tensor
+
+    def __init__(self, model: nn.Module, weights: str | None, model_record: dict[str, Any]):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.weights_path = weights
+        self.model_record = model_record
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def encode(self, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def preprocessing(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "model": json.loads(json.dumps(self.model_record, default=str)),
+            "preprocessing": self.preprocessing(),
+            **prov.weights_record(self.weights_path),
+        }
+
+
+def parse_weights(weights: str | None) -> str | None:
+    """`--weights`: a path, or "random" to ask for random init. None (not given) is an error so
+    nobody caches random features by accident."""
+    if weights is None:
+        raise WeightsError(
+            "no --weights given: pass a checkpoint file or model folder, or "
+            "`--weights random` to extract from a randomly initialised model"
+        )
+    return None if weights == "random" else weights

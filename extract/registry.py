@@ -1,0 +1,23 @@
+"""Backbone names as they appear on the command line and in cache provenance."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vlpipe.extract.base import Extractor
+
+# name -> "module:builder"; imported lazily so `vlpipe --help` stays instant.
+BACKBONES = {
+    "vit": "vlpipe.extract.vit:build_vit",
+    "bert": "vlpipe.extract.bert:build_bert",
+    "resnet": "vlpipe.extract.resnet:build_resnet",
+    "frcnn": "vlpipe.extract.frcnn.extractor:build_frcnn",
+}
+
+
+def build_extractor(name: str, **options: Any) -> Extractor:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+    module, func = BACKBONES[name].split(":")
+    return getattr(importlib.import_module(module), func)(**options)

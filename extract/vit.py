@@ -1,0 +1,93 @@
+"""ViT (timm): CLS token and patch tokens of the last layer, after the final norm."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from vlpipe.extract.base import Extractor, ImageTransform
+from vlpipe.weights import load_into, read_state_dict
+
+DEFAULT_ARCH = "vit_base_patch16_224"  # the paper's ViT-B/16
+
+
+class ViTExtractor(Extractor):
+    backbone = "vit"
+    kind = "patches"
+
+    def __init__(self, model, weights, model_record, transform: ImageTransform, patches: bool):
+        super().__init__(model, weights, model_record)
+        self.transform = transform
+        self.patches = patches
+        self.grid = tuple(model.patch_embed.grid_size)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        dim = self.model.embed_dim
+        out = {"image_cls": (dim,), "image_hw": (2,)}
+        if self.patches:
+            out["image_feats"] = (self.grid[0] * self.grid[1], dim)
+        return out
+
+    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """pixels: B,3,H,W uint8 -> image_cls B,D and image_feats B,P,D."""
+        tokens = self.model.forward_features(self.transform.normalize(pixels))
+        out = {"image_cls": tokens[:, 0]}
+        if self.patches:
+            out["image_feats"] = tokens[:, self.model.num_prefix_tokens :]
+        return out
+
+    def preprocessing(self) -> dict[str, Any]:
+        return dict(self.transform.record(), grid=list(self.grid))
+
+
+def build_timm(
+    arch: str, weights: str | None, image_size: int | None, model_kwargs: dict[str, Any]
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A timm model with local weights loaded strictly (shared by ViT and ResNet)."""
+    import timm
+
+    kwargs = dict(model_kwargs)
+    if image_size and arch.startswith(("vit", "deit", "beit", "eva")):
+        kwargs["img_size"] = image_size
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    if weights is not None:
+        state = read_state_dict(weights)
+        state = _timm_filter(model, state)
+        load_into(model, state, weights, ignore=lambda k: k.startswith(("head.", "fc.")))
+    return model, {
+        "arch": arch,
+        "kwargs": kwargs,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _timm_filter(model: torch.nn.Module, state: dict) -> dict:
+    """Apply timm's own checkpoint adapter (e.g. resampling ViT position embeddings to a new
+    image size, converting original JAX/DeiT layouts)."""
+    module = importlib.import_module(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    return filter_fn(state, model) if filter_fn else state
+
+
+def build_vit(
+    *,
+    arch: str | None,
+    weights: str | None,
+    image_size: int | None,
+    model_kwargs: dict[str, Any],
+    patches: bool = True,
+    **_,
+) -> ViTExtractor:
+    arch = arch or DEFAULT_ARCH
+    model, record = build_timm(arch, weights, image_size, model_kwargs)
+    cfg = model.pretrained_cfg or {}
+    size = tuple(model.patch_embed.img_size)
+    transform = ImageTransform(
+        size=size,
+        mean=tuple(cfg.get("mean", (0.5, 0.5, 0.5))),
+        std=tuple(cfg.get("std", (0.5, 0.5, 0.5))),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
+    return ViTExtractor(model, weights, record, transform, patches)

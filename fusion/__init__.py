@@ -1,0 +1,1 @@
+"""Stage two: fusion models and task heads trained from cached features only."""

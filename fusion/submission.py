@@ -1,0 +1,116 @@
+"""Prediction files in the formats the official evaluators and servers read, and back.
+
+- VQA v2 (EvalAI / vqaEval.py loadRes): JSON list [{"question_id": int, "answer": str}].
+- GQA (official eval.py): JSON list [{"questionId": str, "prediction": str}].
+- NLVR2 (lil-lab/nlvr nlvr2/eval/metrics.py): CSV without header, one "identifier,True" or
+  "identifier,False" line per example.
+
+Writers replace the target atomically (temporary file in the same folder, then os.replace), so
+an interrupted run never leaves a truncated submission behind. Readers return
+{id: prediction} with string ids, the form the metrics in `metrics.py` take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from .metrics import parse_nlvr2_label
+
+PathLike = str | os.PathLike
+
+
+def _atomic_write_text(path: PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json_list(path: PathLike, keys: tuple[str, str]) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        items = json.load(f)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of {{{keys[0]!r}, {keys[1]!r}}} objects")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not all(k in item for k in keys):
+            raise ValueError(f"{path}: entry {i} lacks {keys[0]!r} or {keys[1]!r}: {item!r}")
+    return items
+
+
+def _to_unique_dict(pairs: list[tuple[str, object]], path: PathLike) -> dict:
+    # The official loaders silently keep the last duplicate; a duplicate is a bug upstream.
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{path}: duplicate prediction for id {key}")
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# VQA v2
+# --------------------------------------------------------------------------------------------
+def write_vqa_submission(path: PathLike, preds: Mapping[str, str]) -> None:
+    """Write [{"question_id": int, "answer": str}] in the order of `preds`."""
+    items = [{"question_id": int(qid), "answer": str(ans)} for qid, ans in preds.items()]
+    _atomic_write_text(path, json.dumps(items))
+
+
+def read_vqa_submission(path: PathLike) -> dict[str, str]:
+    """{question_id as str: answer} from a VQA results file."""
+    items = _read_json_list(path, ("question_id", "answer"))
+    return _to_unique_dict([(str(it["question_id"]), it["answer"]) for it in items], path)
+
+
+# --------------------------------------------------------------------------------------------
+# GQA
+# --------------------------------------------------------------------------------------------
+def write_gqa_submission(path: PathLike, preds: Mapping[str, str]) -> None:
+    """Write [{"questionId": str, "prediction": str}] in the order of `preds`."""
+    items = [{"questionId": str(qid), "prediction": str(ans)} for qid, ans in preds.items()]
+    _atomic_write_text(path, json.dumps(items))
+
+
+def read_gqa_submission(path: PathLike) -> dict[str, str]:
+    """{questionId: prediction} from a GQA predictions file."""
+    items = _read_json_list(path, ("questionId", "prediction"))
+    return _to_unique_dict([(str(it["questionId"]), it["prediction"]) for it in items], path)
+
+
+# --------------------------------------------------------------------------------------------
+# NLVR2
+# --------------------------------------------------------------------------------------------
+def write_nlvr2_predictions(path: PathLike, preds: Mapping[str, bool | str]) -> None:
+    """Write "identifier,True|False" lines, no header (the official script splits on ",")."""
+    lines = []
+    for identifier, pred in preds.items():
+        if "," in identifier:
+            raise ValueError(f"NLVR2 identifier {identifier!r} contains a comma")
+        lines.append(f"{identifier},{parse_nlvr2_label(pred)}\n")
+    _atomic_write_text(path, "".join(lines))
+
+
+def read_nlvr2_predictions(path: PathLike) -> dict[str, bool]:
+    """{identifier: bool} from an NLVR2 predictions CSV; blank lines are skipped."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = line.strip().split(",")
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'identifier,True|False': {line!r}")
+            pairs.append((fields[0], parse_nlvr2_label(fields[1])))
+    return _to_unique_dict(pairs, path)

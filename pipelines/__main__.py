@@ -1,0 +1,3 @@
+from vlpipe.pipelines.cli import main
+
+main()

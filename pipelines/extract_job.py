@@ -1,0 +1,84 @@
+"""`vlpipe extract`: resolve a dataset into records, build the backbone, run the loop."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlpipe.extract.base import parse_weights
+from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
+
+
+@dataclass
+class ExtractRequest:
+    backbone: str
+    dataset: str
+    out: Path
+    split: str | None = None
+    root: Path | None = None
+    annotations: tuple[Path, ...] = ()
+    limit: int | None = None
+    weights: str | None = None
+    arch: str | None = None
+    model_kwargs: str = "{}"
+    image_size: int | None = None
+    max_length: int = 20
+    vocab: str | None = None
+    cls_only: bool = False
+
+
+def build_from_request(req: ExtractRequest, seed: int = 0):
+    import torch
+
+    from vlpipe.extract.registry import build_extractor
+
+    weights = parse_weights(req.weights)
+    try:
+        kwargs = json.loads(req.model_kwargs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-kwargs is not JSON: {err}") from err
+    torch.manual_seed(seed)  # random-init weights are a function of the seed
+    extractor = build_extractor(
+        req.backbone,
+        arch=req.arch,
+        weights=weights,
+        image_size=req.image_size,
+        max_length=req.max_length,
+        model_kwargs=kwargs,
+        vocab=req.vocab,
+        patches=not req.cls_only,
+    )
+    if weights is None:
+        warn_random(req.backbone)
+    return extractor
+
+
+def warn_random(backbone: str) -> None:
+    bar = "!" * 78
+    print(
+        f"{bar}\n! {backbone}: RANDOM-INIT weights (--weights random). The features carry no "
+        f"pretrained\n! knowledge; provenance records weights=random-init. Pass --weights PATH "
+        f"for real ones.\n{bar}",
+        file=sys.stderr,
+    )
+
+
+def records_for(req: ExtractRequest, modality: str) -> list[Any]:
+    from vlpipe.data_manifests import registry
+
+    if modality == "image":
+        return registry.list_images(req.dataset, req.root, req.split, req.limit)
+    return registry.read_texts(req.dataset, list(req.annotations), req.split, req.limit)
+
+
+def run_extract(req: ExtractRequest, opts: RunOptions) -> Summary:
+    extractor = build_from_request(req, opts.seed)
+    records = records_for(req, extractor.modality)
+    if not records:
+        raise ValueError(f"dataset {req.dataset!r} split {req.split!r} has no items")
+    info = {"name": req.dataset, "split": req.split, "root": str(req.root) if req.root else None}
+    run = extract_images if extractor.modality == "image" else extract_texts
+    return run(extractor, records, str(req.out), opts, info)
