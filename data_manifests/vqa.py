@@ -16,11 +16,19 @@ answers = the 10 human answers as given (not normalised) or () without annotatio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .base import AnnotationError, TextRecord, apply_limit, get_field, load_json
 
 _EXTRA_FIELDS = ("answer_type", "question_type", "multiple_choice_answer")
+
+
+class _Annotation(NamedTuple):
+    """What a record keeps of one annotation (the raw dicts hold ~40 objects each)."""
+
+    image_id: int
+    answers: tuple[str, ...]
+    extra: dict[str, str]
 
 
 def read_vqa(
@@ -34,7 +42,7 @@ def read_vqa(
     whatever the limit.
     """
     questions = _read_questions(Path(questions_path))
-    annotations: dict[int, dict[str, Any]] = {}
+    annotations: dict[int, _Annotation] = {}
     if annotations_path is not None:
         annotations = _read_annotations(Path(annotations_path))
         _check_match(questions, annotations, Path(questions_path), Path(annotations_path))
@@ -54,19 +62,26 @@ def _read_questions(path: Path) -> dict[int, dict[str, Any]]:
     return by_id
 
 
-def _read_annotations(path: Path) -> dict[int, dict[str, Any]]:
+def _read_annotations(path: Path) -> dict[int, _Annotation]:
     """{question_id: annotation}, each checked for the fields the records use."""
-    by_id: dict[int, dict[str, Any]] = {}
+    by_id: dict[int, _Annotation] = {}
     for index, item in enumerate(_top_list(path, "annotations")):
         record = _record_id(item, index)
         qid = get_field(item, "question_id", int, path, record)
-        get_field(item, "image_id", int, path, record)
-        for name in _EXTRA_FIELDS:
-            get_field(item, name, str, path, record)
-        for answer in get_field(item, "answers", list, path, record):
-            get_field(answer, "answer", str, path, record)
-        _add_unique(by_id, qid, item, path)
+        image_id = get_field(item, "image_id", int, path, record)
+        extra = {name: get_field(item, name, str, path, record) for name in _EXTRA_FIELDS}
+        answers = _answers(get_field(item, "answers", list, path, record), path, record)
+        _add_unique(by_id, qid, _Annotation(image_id, answers, extra), path)
     return by_id
+
+
+def _answers(answers: list[Any], path: Path, record: object) -> tuple[str, ...]:
+    # One comprehension for the usual clean list; get_field only to word the error.
+    texts = tuple(a.get("answer") if type(a) is dict else None for a in answers)
+    if not all(type(text) is str for text in texts):
+        for answer in answers:
+            get_field(answer, "answer", str, path, record)
+    return texts
 
 
 def _top_list(path: Path, name: str) -> list[Any]:
@@ -91,7 +106,7 @@ def _add_unique(by_id: dict[int, Any], qid: int, item: Any, path: Path) -> None:
 
 
 def _check_match(
-    questions: dict[int, Any], annotations: dict[int, Any], q_path: Path, a_path: Path
+    questions: dict[int, Any], annotations: dict[int, _Annotation], q_path: Path, a_path: Path
 ) -> None:
     """Every question has an annotation on the same image, and every annotation a question."""
     unanswered = sorted(questions.keys() - annotations.keys())
@@ -103,7 +118,7 @@ def _check_match(
         reason = f"annotation has no question in {q_path.name}{_more(orphans)}"
         raise AnnotationError(a_path, orphans[0], reason)
     for qid, annotation in annotations.items():
-        q_image, a_image = questions[qid]["image_id"], annotation["image_id"]
+        q_image, a_image = questions[qid]["image_id"], annotation.image_id
         if q_image != a_image:
             reason = f"image_id {a_image} differs from {q_image} in {q_path.name}"
             raise AnnotationError(a_path, qid, reason)
@@ -113,16 +128,11 @@ def _more(ids: list[int]) -> str:
     return f" (and {len(ids) - 1} more)" if len(ids) > 1 else ""
 
 
-def _record(question: dict[str, Any], annotation: dict[str, Any] | None) -> TextRecord:
-    answers: tuple[str, ...] = ()
-    extra: dict[str, str] = {}
-    if annotation is not None:
-        answers = tuple(a["answer"] for a in annotation["answers"])
-        extra = {name: annotation[name] for name in _EXTRA_FIELDS}
+def _record(question: dict[str, Any], annotation: _Annotation | None) -> TextRecord:
     return TextRecord(
         key=str(question["question_id"]),
         text=question["question"],
         image_keys=(str(question["image_id"]),),
-        answers=answers,
-        extra=extra,
+        answers=() if annotation is None else annotation.answers,
+        extra={} if annotation is None else dict(annotation.extra),
     )

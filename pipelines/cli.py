@@ -28,9 +28,18 @@ def _fail(err: Exception) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     from vlpipe.cache import CacheError
     from vlpipe.data_manifests.base import AnnotationError
+    from vlpipe.fusion.checkpoint import RunError
     from vlpipe.weights import WeightsError
 
-    return (CacheError, WeightsError, AnnotationError, FileNotFoundError, ValueError, KeyError)
+    return (
+        CacheError,
+        WeightsError,
+        AnnotationError,
+        RunError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+    )
 
 
 @app.command()
@@ -171,6 +180,200 @@ def format_summary(s: dict) -> str:
     if prov.get("weights") == "random-init":
         lines.append("  WARNING: features from a RANDOM-INIT model (no pretrained weights)")
     return "\n".join(lines)
+
+
+def _json_option(text: str, name: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} is not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value
+
+
+def _spec(task, features, text_features, annotations, fmt, split, limit):
+    from vlpipe.pipelines.train_job import DataSpec
+
+    return DataSpec(task, list(features), list(text_features), list(annotations), fmt, split, limit)
+
+
+@app.command()
+def train(
+    features: list[Path] = typer.Option(..., help="image feature cache(s), repeatable"),
+    task: str = typer.Option(..., help="vqa | gqa | nlvr2 | easy-vqa"),
+    out: Path = typer.Option(..., help="run folder (checkpoints, logs, curves)"),
+    fusion: str = typer.Option("concat", help="concat | lstm | lxmert | cross"),
+    text_features: list[Path] = typer.Option([], help="text feature cache(s) (concat, cross)"),
+    annotations: list[Path] = typer.Option([], help="training annotation file(s)"),
+    annotations_format: str = typer.Option(
+        None, help="vqa | gqa | nlvr2 | lxmert | easy-vqa (default: the task's official format)"
+    ),
+    split: str = typer.Option("train", help="split name (easy-vqa: train)"),
+    val_features: list[Path] = typer.Option(
+        [], help="validation image caches (default: --features)"
+    ),
+    val_text_features: list[Path] = typer.Option([], help="validation text caches"),
+    val_annotations: list[Path] = typer.Option([], help="validation annotation file(s)"),
+    val_split: str = typer.Option(None, help="validation split (easy-vqa: test)"),
+    limit: int = typer.Option(None, help="first N training examples"),
+    epochs: int = typer.Option(None),
+    batch_size: int = typer.Option(None),
+    lr: float = typer.Option(None),
+    seed: int = typer.Option(None),
+    max_steps: int = typer.Option(None, help="stop after N steps (checkpointed, resumable)"),
+    ckpt_every: int = typer.Option(None, help="checkpoint every N steps (default: per epoch)"),
+    num_workers: int = typer.Option(None),
+    device: str = typer.Option(None),
+    model_config: str = typer.Option("{}", help="JSON overrides, e.g. '{\"l_layers\": 2}'"),
+    train_config: str = typer.Option("{}", help="JSON overrides of TrainConfig fields"),
+    vocab: str = typer.Option(None, help="WordPiece vocab.txt for fusions that tokenize"),
+    max_length: int = typer.Option(20, help="text tokens (lxmert, lstm)"),
+    min_answer_count: int = typer.Option(None, help="answer vocab threshold (VQA: 9)"),
+    init: str = typer.Option(None, help="pretrained LXMERT: HF folder or Epoch20_LXRT.pth"),
+    init_bert: str = typer.Option(None, help="BERT folder for LXMERT's language layers"),
+    resume: bool = typer.Option(False, help="continue the run in --out exactly"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Train a fusion model and task head from cached features."""
+    from vlpipe.pipelines.train_job import TrainRequest, run_train
+
+    try:
+        overrides = _json_option(train_config, "--train-config")
+        flags = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "max_steps": max_steps,
+            "ckpt_every": ckpt_every,
+            "num_workers": num_workers,
+            "device": device,
+        }
+        overrides.update({k: v for k, v in flags.items() if v is not None})
+        train_spec = _spec(
+            task, features, text_features, annotations, annotations_format, split, limit
+        )
+        val_spec = None
+        if val_annotations or val_split:
+            val_spec = _spec(
+                task,
+                val_features or features,
+                val_text_features or text_features,
+                val_annotations,
+                annotations_format,
+                val_split,
+                None,
+            )
+        req = TrainRequest(
+            fusion,
+            train_spec,
+            out,
+            val_spec,
+            _json_option(model_config, "--model-config"),
+            overrides,
+            vocab,
+            max_length,
+            min_answer_count,
+            init,
+            init_bert,
+            resume,
+            progress,
+        )
+        results = run_train(req)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(f"{out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
+
+
+def _eval_args(run, features, text_features, annotations, annotations_format, split, limit):
+    return run, _spec("", features, text_features, annotations, annotations_format, split, limit)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="run folder written by `vlpipe train`"),
+    features: list[Path] = typer.Option(..., help="image feature cache(s)"),
+    text_features: list[Path] = typer.Option([], help="text feature cache(s)"),
+    annotations: list[Path] = typer.Option([], help="annotation file(s) with answers"),
+    annotations_format: str = typer.Option(None),
+    split: str = typer.Option(None, help="split (easy-vqa: test)"),
+    limit: int = typer.Option(None),
+    device: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print the official metrics of a trained run on a labelled split."""
+    from vlpipe.pipelines.train_job import run_evaluate
+
+    try:
+        results, _ = run_evaluate(
+            *_eval_args(
+                run, features, text_features, annotations, annotations_format, split, limit
+            ),
+            device=device,
+        )
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(json.dumps(results, indent=None if as_json else 2))
+
+
+@app.command()
+def predict(
+    run: Path = typer.Option(..., help="run folder written by `vlpipe train`"),
+    features: list[Path] = typer.Option(..., help="image feature cache(s)"),
+    text_features: list[Path] = typer.Option([], help="text feature cache(s)"),
+    annotations: list[Path] = typer.Option([], help="question / statement file(s)"),
+    annotations_format: str = typer.Option(None),
+    split: str = typer.Option(None),
+    out: Path = typer.Option(None, help="submission file (default: RUN/predictions.json|csv)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Write the official submission file: VQA / GQA json, NLVR2 csv."""
+    from vlpipe.pipelines.train_job import run_predict
+
+    try:
+        path = run_predict(
+            *_eval_args(run, features, text_features, annotations, annotations_format, split, None),
+            out,
+            device=device,
+        )
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("vlpipe-demo"), help="where caches and the run go"),
+    fusion: str = typer.Option("concat", help="concat | lxmert | cross"),
+    epochs: int = typer.Option(8),
+    vision_weights: str = typer.Option(
+        None, help="local timm ViT checkpoint (default: none can be downloaded, so random-init)"
+    ),
+    vision_arch: str = typer.Option("vit_tiny_patch16_224"),
+    image_size: int = typer.Option(64, help="easy-VQA images are 64x64"),
+    text_weights: str = typer.Option(None, help="BERT folder (default: the MiniLM package)"),
+    device: str = typer.Option("auto"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """easy-VQA end to end: extract ViT + MiniLM BERT -> train -> test accuracy."""
+    from vlpipe.pipelines.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        workdir,
+        vision_weights,
+        vision_arch,
+        image_size,
+        text_weights,
+        fusion,
+        epochs,
+        device=device,
+        progress=progress,
+    )
+    try:
+        run_demo(opts)
+    except _user_errors() as err:
+        _fail(err)
 
 
 def main() -> None:

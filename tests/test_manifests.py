@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from vlpipe.data_manifests import images
 from vlpipe.data_manifests.base import AnnotationError, ImageRecord, TextRecord
 from vlpipe.data_manifests.easy_vqa import easy_vqa_answers, read_easy_vqa
@@ -62,6 +63,15 @@ def test_folder_lists_images_recursively_by_relative_key(tmp_path: Path) -> None
     assert records[1].path == str((tmp_path / "a/y.jpeg").absolute())
     assert keys(images.folder(tmp_path, limit=2)) == ["a/deep/x", "a/y"]
     assert keys(images.folder(tmp_path, split="a")) == ["deep/x", "y", "z"]
+
+
+def test_folder_follows_symlinked_folders_once(tmp_path: Path) -> None:
+    touch(tmp_path / "data", "x.jpg")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(tmp_path / "data", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    assert keys(images.folder(root)) == ["linked/x"]
 
 
 def test_folder_errors(tmp_path: Path) -> None:

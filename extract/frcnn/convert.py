@@ -1,0 +1,265 @@
+"""Checkpoint converters: three released BUTD checkpoints -> our (HF / detectron2) key layout.
+
+- Hugging Face `unc-nlp/frcnn-vg-finetuned` folder (pytorch_model.bin + config.yaml): already
+  our layout; detectron2 box convention.
+- py-bottom-up-attention `faster_rcnn_from_caffe_attr.pkl`: pickle of {"model": {key: float32
+  ndarray}}, our keys minus `num_batches_tracked` and the cell anchors; detectron2 convention.
+  Unpickling runs code, so it is only done for a path the user named and allowed.
+- MILVLG `bua-caffe-frcn-r101-k*.pth`: Caffe conventions, translated here:
+  objectness (2A, C, 1, 1) softmax pairs [A background | A foreground] (MILVLG views the
+  channels as (2, A) and takes index 1 as foreground) -> A sigmoid logits fg - bg;
+  cls_score / cls_embed rows background-first -> background-last; bbox_pred (4 (C + 1), D)
+  -> drop the background's 4 rows; attr_linear2 rows "no attribute"-first -> last;
+  cls_embed / attr_linear1 / attr_linear2 -> cls_embedding / fc_attr / attr_score;
+  BatchNorm `num_batches_tracked` dropped (the stats become frozen-norm buffers as they are).
+  "+1" widths, (1, 1, 1, 1) weights and Caffe anchors are carried by the returned convention.
+
+Every loader returns `(state_dict, BoxConvention)`; `load_into` checks names and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import BoxConvention, FrcnnConfig
+
+ANCHOR_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
+_PREDICTOR = "roi_heads.box_predictor."
+_OBJECTNESS = "proposal_generator.rpn_head.objectness_logits."
+_IGNORED = ("num_batches_tracked", "pixel_mean", "pixel_std")
+_CAFFE_RENAMES = {
+    "cls_embed.": "cls_embedding.",
+    "attr_linear1.": "fc_attr.",
+    "attr_linear2.": "attr_score.",
+}
+HF_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+
+StateDict = dict[str, Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model."""
+
+
+def _tensors(raw: Mapping[str, object]) -> StateDict:
+    """Drop bookkeeping entries; NumPy arrays -> float32 / int64 tensors."""
+    out: StateDict = {}
+    for key, value in raw.items():
+        if key.rsplit(".", 1)[-1] in _IGNORED:
+            continue
+        tensor = value if isinstance(value, Tensor) else torch.from_numpy(np.array(value))
+        out[key] = tensor.float() if tensor.is_floating_point() else tensor
+    return out
+
+
+def convert_detectron2_state_dict(raw: Mapping[str, object]) -> StateDict:
+    """HF or py-bottom-up-attention weights: same names as ours, bookkeeping dropped."""
+    return _tensors(raw)
+
+
+def _move_first_row_last(tensor: Tensor) -> Tensor:
+    return torch.cat([tensor[1:], tensor[:1]], dim=0)
+
+
+def convert_caffe_state_dict(raw: Mapping[str, object]) -> StateDict:
+    """MILVLG Caffe-converted weights -> our layout (see the module docstring)."""
+    out: StateDict = {}
+    for key, tensor in _tensors(raw).items():
+        if key == ANCHOR_KEY:
+            continue  # runtime anchors come from the Caffe convention, not a config artefact
+        if key.startswith(_PREDICTOR):
+            key, tensor = _caffe_predictor_entry(key, tensor)
+        elif key.startswith(_OBJECTNESS):
+            half = tensor.shape[0] // 2
+            tensor = tensor[half:] - tensor[:half]  # softmax(fg, bg)[fg] == sigmoid(fg - bg)
+        out[key] = tensor
+    return out
+
+
+def _caffe_predictor_entry(key: str, tensor: Tensor) -> tuple[str, Tensor]:
+    name = key[len(_PREDICTOR) :]
+    for old, new in _CAFFE_RENAMES.items():
+        if name.startswith(old):
+            name = new + name[len(old) :]
+    if name.startswith(("cls_score.", "cls_embedding.", "attr_score.")):
+        tensor = _move_first_row_last(tensor)  # background / "no attribute" first -> last
+    elif name.startswith("bbox_pred."):
+        tensor = tensor[4:]  # the background's (dx, dy, dw, dh) rows
+    return _PREDICTOR + name, tensor
+
+
+def is_caffe_layout(state_dict: Mapping[str, object]) -> bool:
+    """MILVLG names its attribute head cls_embed / attr_linear*, and keeps 2A objectness rows."""
+    if any(k.startswith(_PREDICTOR + "cls_embed.") for k in state_dict):
+        return True
+    obj = state_dict.get(_OBJECTNESS + "weight")
+    deltas = state_dict.get("proposal_generator.rpn_head.anchor_deltas.weight")
+    return obj is not None and deltas is not None and obj.shape[0] * 2 == deltas.shape[0]
+
+
+def config_from_state_dict(
+    state_dict: Mapping[str, Tensor], convention: BoxConvention, **overrides
+) -> FrcnnConfig:
+    """Architecture sizes read off the tensor shapes (our layout); test-time settings default."""
+    sd = state_dict
+
+    def rows(key: str) -> int:
+        return sd[key].shape[0]
+
+    def count(prefix: str) -> int:
+        return sum(1 for k in sd if k.startswith(prefix) and k.endswith(".conv1.weight"))
+
+    inferred = dict(
+        stage_blocks=(count("backbone.res2."), count("backbone.res3."), count("backbone.res4.")),
+        res5_blocks=count("roi_heads.res5."),
+        stem_channels=rows("backbone.stem.conv1.weight"),
+        res2_channels=rows("backbone.res2.0.conv3.weight"),
+        bottleneck_channels=rows("backbone.res2.0.conv1.weight"),
+        rpn_channels=rows("proposal_generator.rpn_head.conv.weight"),
+        num_classes=rows(_PREDICTOR + "cls_score.weight") - 1,
+        num_attributes=rows(_PREDICTOR + "attr_score.weight") - 1,
+        class_embed_dim=sd[_PREDICTOR + "cls_embedding.weight"].shape[1],
+        attr_hidden_dim=rows(_PREDICTOR + "fc_attr.weight"),
+        convention=convention,
+    )
+    inferred.update(overrides)
+    return FrcnnConfig(**inferred)
+
+
+def load_into(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
+) -> None:
+    """Copy `state_dict` into `model`, or raise `CheckpointMismatchError` naming `source` and
+    every missing, unexpected and wrongly shaped key. The cell anchors may be absent (then the
+    model keeps the ones its box convention generated)."""
+    expected = model.state_dict()
+    provided = dict(state_dict)
+    if ANCHOR_KEY in expected:
+        provided.setdefault(ANCHOR_KEY, expected[ANCHOR_KEY])
+    problems = _mismatches(expected, provided)
+    if problems:
+        raise CheckpointMismatchError(f"{source} does not fit the model:\n" + "\n".join(problems))
+    model.load_state_dict(provided, strict=True)
+
+
+def _mismatches(expected: Mapping[str, Tensor], provided: Mapping[str, Tensor]) -> list[str]:
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in provided.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    groups = {
+        "missing keys": sorted(expected.keys() - provided.keys()),
+        "unexpected keys": sorted(provided.keys() - expected.keys()),
+        "shape mismatches": shapes,
+    }
+    return [
+        f"  {title} ({len(items)}): {_listing(items)}" for title, items in groups.items() if items
+    ]
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def weights_file(path: str | Path) -> Path:
+    """The weights file itself: `path`, or the HF weights file inside a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in HF_WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} holds none of {', '.join(HF_WEIGHT_FILES)}")
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of the weights file (of the HF weights file for a folder)."""
+    digest = hashlib.sha256()
+    with open(weights_file(path), "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unwrap(obj: object, path: Path) -> Mapping[str, object]:
+    # Trainers save {"model": state_dict, ...}; bare state dicts are fine too.
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    keys = list(obj)
+    if keys and all(k.startswith("module.") for k in keys):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def load_hf_folder(path: str | Path) -> tuple[StateDict, BoxConvention]:
+    """`unc-nlp/frcnn-vg-finetuned`-style folder (pytorch_model.bin or model.safetensors)."""
+    file = weights_file(path)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(file))
+    else:
+        raw = torch.load(file, map_location="cpu", weights_only=True)
+    return convert_detectron2_state_dict(_unwrap(raw, file)), BoxConvention.detectron2()
+
+
+def load_detectron2_pickle(path: str | Path) -> tuple[StateDict, BoxConvention]:
+    """py-bottom-up-attention .pkl. Unpickling executes code: only call it on a file you trust."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        raw = pickle.load(handle, encoding="latin1")  # py2-era pickles need latin1
+    return convert_detectron2_state_dict(_unwrap(raw, path)), BoxConvention.detectron2()
+
+
+def load_torch_file(path: str | Path) -> tuple[StateDict, BoxConvention]:
+    """A .pth / .pt / .bin state dict; the layout (MILVLG Caffe or HF) is read off the keys."""
+    path = Path(path)
+    raw = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    if is_caffe_layout(raw):
+        return convert_caffe_state_dict(raw), BoxConvention.caffe()
+    return convert_detectron2_state_dict(raw), BoxConvention.detectron2()
+
+
+def load_checkpoint(
+    path: str | Path, *, allow_pickle: bool = False
+) -> tuple[StateDict, BoxConvention]:
+    """Read any of the three checkpoints -> (state dict in our layout, its box convention).
+
+    A folder is read as a Hugging Face download; `.pkl` as a py-bottom-up-attention pickle,
+    only with `allow_pickle=True`; anything else with `torch.load(weights_only=True)`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return load_hf_folder(path)
+    if path.suffix == ".pkl":
+        if not allow_pickle:
+            raise PermissionError(
+                f"{path} is a pickle, and unpickling runs code from the file; pass "
+                "allow_pickle=True only for a file you trust"
+            )
+        return load_detectron2_pickle(path)
+    return load_torch_file(path)
+
+
+def build_from_checkpoint(
+    path: str | Path, *, allow_pickle: bool = False, **overrides
+) -> nn.Module:
+    """Load `path`, build a matching `BUTDFasterRCNN` (sizes from the shapes, `overrides` for
+    test-time settings), fill it and switch it to eval mode."""
+    from .model import BUTDFasterRCNN
+
+    state_dict, convention = load_checkpoint(path, allow_pickle=allow_pickle)
+    model = BUTDFasterRCNN(config_from_state_dict(state_dict, convention, **overrides))
+    load_into(model, state_dict, source=str(path))
+    return model.eval()

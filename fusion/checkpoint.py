@@ -1,0 +1,106 @@
+"""Run-folder checkpoints, written atomically.
+
+    RUN/ckpt-000120/model.safetensors   weights
+    RUN/ckpt-000120/trainer.pt          optimizer, scheduler, step, RNG states (for --resume)
+    RUN/ckpt-000120/run.json            fusion + config, task, answer vocab, cache provenance
+    RUN/LATEST                          name of the newest complete checkpoint
+
+A checkpoint folder is filled under a temporary name and renamed when complete; LATEST is
+replaced atomically after that. A crash at any point leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "LATEST"
+KEEP = 2  # checkpoints kept besides the newest "final"
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be loaded; names the folder."""
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    trainer_state: dict[str, Any] | None,
+) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:07d}"
+    tmp = run_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer.pt")
+    (tmp / "run.json").write_text(json.dumps(dict(meta, step=step), indent=1, default=str))
+    _fsync_tree(tmp)
+    final = run_dir / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(run_dir / LATEST, name)
+    _prune(run_dir, keep=final)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _prune(run_dir: Path, keep: Path) -> None:
+    old = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir() and p != keep)
+    for path in old[: max(0, len(old) - KEEP)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(run_dir) / pointer.read_text().strip()
+    if not (path / "run.json").exists():
+        raise RunError(f"{pointer} points at {path}, which is incomplete")
+    return path
+
+
+def load_meta(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "run.json").read_text())
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    state = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(
+            f"{ckpt}: weights do not fit the model: missing {missing[:10]}, "
+            f"unexpected {unexpected[:10]}"
+        )
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "trainer.pt"
+    if not path.exists():
+        raise RunError(f"{ckpt}: no trainer state to resume from")
+    # Our own file, but still no arbitrary code: RNG states and optimizer tensors only.
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,272 @@
+"""Training batches from cached features only: no image decoding, no frozen encoder in the loop.
+
+A `TaskDataset` joins text records (questions / statements with their answers) to the feature
+caches by key, checks before the first step that every key is present and that the caches hold
+what the model needs, and serves whole batches (one batched HDF5 read per batch, in DataLoader
+workers). Batch fields use the cache vocabulary: image_feats, image_boxes, image_mask,
+image_cls, text_feats, text_mask, text_cls, text_ids, plus `target`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from vlpipe.cache import FeatureCache
+from vlpipe.data_manifests.base import TextRecord
+from vlpipe.fusion.answers import AnswerVocab, target_scores
+from vlpipe.fusion.tasks import Task
+
+IMAGE_FIELDS = ("image_feats", "image_boxes", "image_mask", "image_cls")
+TEXT_FIELDS = ("text_feats", "text_mask", "text_cls")
+
+
+class DataMismatch(ValueError):
+    """The caches or annotations do not fit the model; the message names what differs."""
+
+
+class CacheSet:
+    """Several caches of one kind read as one (e.g. train + val, or many NLVR2 folders)."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.caches = [FeatureCache(p) for p in paths]
+        first = self.caches[0]
+        for other in self.caches[1:]:
+            if other.kind != first.kind or other.fields != first.fields:
+                raise DataMismatch(
+                    f"{other.path} ({other.kind}, {other.fields}) does not match "
+                    f"{first.path} ({first.kind}, {first.fields})"
+                )
+        self.kind, self.fields, self.provenance = first.kind, first.fields, first.provenance
+
+    @property
+    def names(self) -> str:
+        return ", ".join(str(c.path) for c in self.caches)
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        return [k for k in keys if not any(k in c for c in self.caches)]
+
+    def read(self, keys: Sequence[str], fields: Sequence[str]) -> dict[str, np.ndarray]:
+        which = np.full(len(keys), -1)
+        for i, cache in enumerate(self.caches):
+            todo = np.nonzero(which < 0)[0]
+            which[todo[[keys[j] in cache for j in todo]]] = i
+        out: dict[str, np.ndarray] = {}
+        for i in np.unique(which):
+            sel = np.nonzero(which == i)[0]
+            part = self.caches[int(i)].read([keys[j] for j in sel], fields)
+            for name, value in part.items():
+                if name not in out:
+                    out[name] = np.empty((len(keys), *value.shape[1:]), value.dtype)
+                out[name][sel] = value
+        return out
+
+
+def grid_boxes(grid: tuple[int, int], with_cls: bool) -> np.ndarray:
+    """Normalised xyxy boxes of a ViT patch / CNN grid cell layout, row-major; the CLS token,
+    when prepended, covers the whole image."""
+    gh, gw = grid
+    ys, xs = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    boxes = np.stack([xs / gw, ys / gh, (xs + 1) / gw, (ys + 1) / gh], -1).reshape(-1, 4)
+    if with_cls:
+        boxes = np.concatenate([[[0.0, 0.0, 1.0, 1.0]], boxes])
+    return boxes.astype(np.float32)
+
+
+def visual_fields(
+    raw: dict[str, np.ndarray], kind: str, grid: tuple[int, int] | None, needs: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Cache arrays -> model inputs: float32 features, boxes normalised to [0, 1], masks; patch
+    and grid caches get the CLS / pooled vector as a first "whole image" region."""
+    out = {}
+    if kind == "regions":
+        hw = raw["image_hw"].astype(np.float32)
+        scale = np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None, :]
+        out["image_feats"] = raw["image_feats"].astype(np.float32)
+        out["image_boxes"] = np.clip(raw["image_boxes"] / scale, 0.0, 1.0).astype(np.float32)
+        out["image_mask"] = raw["image_mask"].astype(bool)
+        mask = out["image_mask"][..., None]
+        out["image_cls"] = (out["image_feats"] * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    else:
+        cls = raw["image_cls"].astype(np.float32)
+        out["image_cls"] = cls
+        if "image_feats" in raw:
+            feats = np.concatenate([cls[:, None], raw["image_feats"].astype(np.float32)], 1)
+            out["image_feats"] = feats
+            out["image_boxes"] = np.broadcast_to(grid_boxes(grid, True), (*feats.shape[:2], 4))
+            out["image_mask"] = np.ones(feats.shape[:2], dtype=bool)
+    return {k: v for k, v in out.items() if k in needs}
+
+
+def image_source_fields(kind: str, fields: dict) -> set[str]:
+    """Which model inputs an image cache of this kind and fields can provide."""
+    if kind == "regions":
+        return set(IMAGE_FIELDS)
+    return set(IMAGE_FIELDS) if "image_feats" in fields else {"image_cls"}
+
+
+class TaskDataset(Dataset):
+    """Batches for one task. `__getitem__` takes a list of record indices (use `loader()`)."""
+
+    def __init__(
+        self,
+        task: Task,
+        records: Sequence[TextRecord],
+        images: CacheSet,
+        texts: CacheSet | None,
+        vocab: AnswerVocab,
+        needs: Sequence[str],
+        tokenizer=None,
+        max_length: int = 20,
+    ):
+        self.task, self.records, self.images, self.texts = task, list(records), images, texts
+        self.vocab, self.needs = vocab, tuple(needs)
+        self.grid = _grid_of(images)
+        self.text_ids = self._tokenize(tokenizer, max_length) if "text_ids" in needs else None
+        self.check()
+
+    def _tokenize(self, tokenizer, max_length: int) -> dict[str, np.ndarray] | None:
+        if tokenizer is None:
+            return None  # taken from the text cache
+        enc = tokenizer(
+            [r.text for r in self.records],
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+        )
+        return {
+            "text_ids": enc["input_ids"].astype(np.int64),
+            "text_mask": enc["attention_mask"].astype(bool),
+        }
+
+    def check(self) -> None:
+        """Fail before the first step when the caches or annotations do not fit the model."""
+        if not self.records:
+            raise DataMismatch("no annotation records to train or evaluate on")
+        self._check_fields()
+        self._check_keys(self.images, [k for r in self.records for k in r.image_keys], "image")
+        if self.texts is not None and set(self.needs) & {*TEXT_FIELDS, "text_ids"}:
+            self._check_keys(self.texts, [r.key for r in self.records], "text")
+        n_images = {len(r.image_keys) for r in self.records}
+        if n_images != {self.task.images_per_example}:
+            raise DataMismatch(
+                f"task {self.task.name} expects {self.task.images_per_example} "
+                f"image(s) per example, the annotations have {sorted(n_images)}"
+            )
+
+    def _check_fields(self) -> None:
+        have = image_source_fields(self.images.kind, self.images.fields)
+        if self.texts is not None:
+            have |= {f for f in (*TEXT_FIELDS, "text_ids") if f in self.texts.fields}
+            have.add("text_mask")
+        if self.text_ids is not None:
+            have |= {"text_ids", "text_mask"}
+        lacking = [f for f in self.needs if f not in have]
+        if lacking:
+            texts = f"{self.texts.names} {sorted(self.texts.fields)}" if self.texts else "none"
+            tokenizer = "" if self.text_ids is not None else ", no tokenizer"
+            raise DataMismatch(
+                f"the model needs {lacking}, which the inputs do not provide: image cache "
+                f"{self.images.names} is a {self.images.kind!r} cache with fields "
+                f"{sorted(self.images.fields)}; text cache: {texts}{tokenizer}"
+            )
+
+    def _check_keys(self, caches: CacheSet, keys: list[str], what: str) -> None:
+        missing = caches.missing(list(dict.fromkeys(keys)))
+        if missing:
+            raise DataMismatch(
+                f"{len(missing)} {what} keys of the annotations are not in "
+                f"{caches.names}, e.g. {missing[:5]}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        recs = [self.records[i] for i in indices]
+        batch = self._image_batch(recs)
+        batch.update(self._text_batch(recs, indices))
+        batch["target"] = torch.from_numpy(self.task.targets(recs, self.vocab))
+        return batch
+
+    def _image_batch(self, recs: list[TextRecord]) -> dict[str, torch.Tensor]:
+        wanted = [f for f in self.needs if f in IMAGE_FIELDS]
+        if not wanted:
+            return {}
+        keys = [k for r in recs for k in r.image_keys]
+        raw_fields = [f for f in self.images.fields if f != "image_mask" or "image_mask" in wanted]
+        raw = self.images.read(keys, raw_fields)
+        vis = visual_fields(raw, self.images.kind, self.grid, wanted)
+        per = self.task.images_per_example
+        return {
+            k: torch.from_numpy(np.ascontiguousarray(v))
+            .reshape(len(recs), per, *v.shape[1:])
+            .squeeze(1)
+            if per == 1
+            else torch.from_numpy(np.ascontiguousarray(v)).reshape(len(recs), per, *v.shape[1:])
+            for k, v in vis.items()
+        }
+
+    def _text_batch(
+        self, recs: list[TextRecord], indices: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        out = {}
+        if self.text_ids is not None:
+            for name, value in self.text_ids.items():
+                out[name] = torch.from_numpy(value[list(indices)])
+        wanted = [f for f in self.needs if f in (*TEXT_FIELDS, "text_ids") and f not in out]
+        if wanted and self.texts is not None:
+            raw = self.texts.read([r.key for r in recs], wanted)
+            out.update({k: torch.from_numpy(v) for k, v in raw.items()})
+        for name in ("text_feats", "text_cls"):
+            if name in out:
+                out[name] = out[name].float()
+        if "text_mask" in out:
+            out["text_mask"] = out["text_mask"].bool()
+        return out
+
+    def loader(
+        self,
+        batch_size: int,
+        sampler: Sampler | None = None,
+        num_workers: int = 0,
+        drop_last: bool = False,
+    ) -> DataLoader:
+        sampler = sampler or range(len(self))
+        batches = BatchSampler(sampler, batch_size, drop_last)
+        return DataLoader(
+            self,
+            sampler=batches,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+def _grid_of(images: CacheSet) -> tuple[int, int] | None:
+    grid = images.provenance.get("preprocessing", {}).get("grid")
+    return tuple(grid) if grid else None
+
+
+def build_vocab(task: Task, records: Sequence[TextRecord], min_count: int) -> AnswerVocab:
+    """Answer vocabulary from training (+ validation) records, the LXMERT / BUTD way."""
+    if task.fixed_answers is not None:
+        return AnswerVocab(list(task.fixed_answers))
+    return AnswerVocab.build((task.vocab_answer(r) for r in records), min_count)
+
+
+__all__ = [
+    "CacheSet",
+    "DataMismatch",
+    "TaskDataset",
+    "build_vocab",
+    "grid_boxes",
+    "target_scores",
+    "visual_fields",
+]

@@ -1,0 +1,85 @@
+"""Fusion names (as written in checkpoints and on the CLI) and the task model around them.
+
+A `TaskModel` is a fusion model (pooled multimodal vector) plus a task head. For NLVR2 it
+encodes (image 0, sentence) and (image 1, sentence) with the same fusion model, concatenates the
+two pooled outputs and classifies them, as LXMERT does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlpipe.fusion.heads import ClassifierHead
+
+# name -> (module, config class, model class); imported lazily.
+FUSIONS: dict[str, tuple[str, str, str]] = {
+    "concat": ("vlpipe.fusion.concat", "ConcatConfig", "ConcatFusion"),
+    "lstm": ("vlpipe.fusion.concat", "LstmConcatConfig", "LstmConcatFusion"),
+    "lxmert": ("vlpipe.fusion.lxmert", "LxmertFusionConfig", "LxmertFusion"),
+    "cross": ("vlpipe.fusion.cross", "CrossFusionConfig", "CrossFusion"),
+}
+IMAGE_PREFIX = "image_"
+
+
+def fusion_classes(name: str) -> tuple[type, type]:
+    if name not in FUSIONS:
+        raise ValueError(f"unknown fusion {name!r}; known: {sorted(FUSIONS)}")
+    module, config_cls, model_cls = FUSIONS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, config_cls), getattr(mod, model_cls)
+
+
+def make_fusion_config(name: str, values: dict[str, Any]):
+    """The fusion's config dataclass from a dict; unknown keys are an error naming them."""
+    config_cls, _ = fusion_classes(name)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"fusion {name!r} has no config fields {unknown}; it has {sorted(known)}")
+    return config_cls(**values)
+
+
+def fusion_needs(name: str) -> tuple[str, ...]:
+    return fusion_classes(name)[1].needs
+
+
+class TaskModel(nn.Module):
+    def __init__(
+        self,
+        fusion_name: str,
+        fusion_config,
+        num_outputs: int,
+        images_per_example: int = 1,
+        head_hidden: int | None = None,
+        head_dropout: float = 0.0,
+    ):
+        super().__init__()
+        _, model_cls = fusion_classes(fusion_name)
+        self.fusion_name = fusion_name
+        self.fusion = model_cls(fusion_config)
+        self.pair = images_per_example
+        in_dim = self.fusion.output_dim * images_per_example
+        hidden = head_hidden or 2 * self.fusion.output_dim
+        self.head = ClassifierHead(in_dim, hidden, num_outputs, head_dropout)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return self.fusion.needs
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """batch fields (B, ...; image fields B, 2, ... for NLVR2) -> logits B, N."""
+        fields = {k: batch[k] for k in self.fusion.needs}
+        if self.pair > 1:
+            fields = {k: self._pairs(k, v) for k, v in fields.items()}
+        pooled = self.fusion(**fields)
+        return self.head(pooled.reshape(-1, self.pair * pooled.shape[-1]))
+
+    def _pairs(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        if name.startswith(IMAGE_PREFIX):  # B, 2, ... -> 2B, ... (image-major within example)
+            return value.reshape(-1, *value.shape[2:])
+        return value.repeat_interleave(self.pair, dim=0)  # the sentence goes with each image

@@ -1,0 +1,104 @@
+"""Tiny caches written by the real writer, and records whose answers the features determine,
+so a model can actually learn them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vlpipe.cache import CacheWriter, Schema
+from vlpipe.data_manifests.base import TextRecord
+
+PROV = {"backbone": "vit", "weights_sha256": "x", "preprocessing": {"grid": [2, 2]}}
+COLORS = ("red", "green", "blue")
+DIM = 16
+
+
+def image_cache(path: Path, n: int, *, kind: str = "patches", seed: int = 0) -> list[str]:
+    """n images; image i has colour i % 3 written into its features."""
+    rng = np.random.default_rng(seed)
+    keys = [f"img{i}" for i in range(n)]
+    feats = rng.normal(size=(n, 4, DIM)).astype(np.float32) * 0.1
+    for i in range(n):
+        feats[i, :, i % 3] += 2.0
+    if kind == "regions":
+        shapes = {
+            "image_feats": (4, DIM),
+            "image_hw": (2,),
+            "image_boxes": (4, 4),
+            "image_mask": (4,),
+            "obj_ids": (4,),
+            "obj_conf": (4,),
+            "attr_ids": (4,),
+            "attr_conf": (4,),
+        }
+        arrays = {
+            "image_feats": feats,
+            "image_hw": np.tile([[30, 40]], (n, 1)),
+            "image_boxes": np.tile([[0, 0, 20, 15]], (n, 4, 1)).astype(np.float32),
+            "image_mask": np.ones((n, 4), bool),
+            "obj_ids": np.zeros((n, 4)),
+            "obj_conf": np.ones((n, 4)),
+            "attr_ids": np.zeros((n, 4)),
+            "attr_conf": np.ones((n, 4)),
+        }
+        prov = dict(PROV, backbone="frcnn")
+    else:
+        shapes = {"image_cls": (DIM,), "image_hw": (2,), "image_feats": (4, DIM)}
+        arrays = {
+            "image_cls": feats.mean(1),
+            "image_hw": np.tile([[30, 40]], (n, 1)),
+            "image_feats": feats,
+        }
+        prov = PROV
+    with CacheWriter(path, Schema.build(kind, shapes, "float32"), prov) as writer:
+        writer.add(keys, arrays)
+    return keys
+
+
+QUESTIONS = ("what color is the shape?", "which colour is shown?")
+
+
+def color_records(n_images: int, per_image: int = 2, offset: int = 0) -> list[TextRecord]:
+    recs = []
+    for i in range(n_images):
+        for q in range(per_image):
+            recs.append(
+                TextRecord(
+                    key=f"q{offset + i}_{q}",
+                    text=QUESTIONS[q % 2],
+                    image_keys=(f"img{i}",),
+                    answers=(COLORS[i % 3],),
+                )
+            )
+    return recs
+
+
+def text_cache(path: Path, records: list[TextRecord], length: int = 6) -> None:
+    """tokens cache: the text features encode which question it is (no answer leak)."""
+    n = len(records)
+    which = np.array([QUESTIONS.index(r.text) for r in records])
+    cls = np.zeros((n, DIM), np.float32)
+    cls[np.arange(n), 8 + which] = 1.0
+    ids = np.zeros((n, length), np.int32)
+    ids[:, 0], ids[:, 1], ids[:, 2] = 101, 2000 + which, 102
+    mask = ids != 0
+    feats = np.repeat(cls[:, None], length, 1) * mask[..., None]
+    shapes = {
+        "text_cls": (DIM,),
+        "text_ids": (length,),
+        "text_mask": (length,),
+        "text": (),
+        "text_feats": (length, DIM),
+    }
+    arrays = {
+        "text_cls": cls,
+        "text_ids": ids,
+        "text_mask": mask,
+        "text_feats": feats,
+        "text": np.array([r.text for r in records], dtype=object),
+    }
+    prov = {"backbone": "bert", "weights_sha256": "y", "preprocessing": {}}
+    with CacheWriter(path, Schema.build("tokens", shapes, "float32"), prov) as writer:
+        writer.add([r.key for r in records], arrays)
