@@ -123,6 +123,7 @@ class Logger:
 
     def step(self, row: dict[str, float]) -> None:
         self.csv.writerow([row[k] for k in self.FIELDS])
+        self.file.flush()  # `tail -f train_log.csv` works, and a killed run keeps its log
         if self.tb is not None:
             for k in ("loss", "lr", "samples_per_s"):
                 self.tb.add_scalar(f"train/{k}", row[k], row["step"])
@@ -150,9 +151,11 @@ def _tensorboard(run_dir: Path):
 
 
 def _seed_everything(seed: int, device: torch.device) -> None:
+    # CPU kernels are deterministic as they are (and use_deterministic_algorithms would import
+    # all of torch._inductor); on CUDA keep cuDNN from picking non-deterministic algorithms.
     torch.manual_seed(seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
 
 
 def _trainer_state(step, epoch, skip, opt, sched) -> dict[str, Any]:

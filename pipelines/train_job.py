@@ -110,9 +110,23 @@ class TrainRequest:
     init_bert: str | None = None
     resume: bool = False
     progress: bool = True
+    overwrite: bool = False
+
+
+def _check_run_dir(req: TrainRequest) -> None:
+    """Never train over an earlier run by accident."""
+    if req.resume or not (req.out / ckpt.LATEST).exists():
+        return
+    if not req.overwrite:
+        raise ckpt.RunError(f"{req.out} already holds a run: pass --resume to continue it or "
+                            "--overwrite to start again")
+    import shutil
+
+    shutil.rmtree(req.out)
 
 
 def run_train(req: TrainRequest) -> dict[str, Any]:
+    _check_run_dir(req)
     task = get_task(req.train.task)
     needs = fusion_needs(req.fusion)
     train_recs = req.train.records()

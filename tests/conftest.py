@@ -7,10 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Tiny models gain nothing from a second thread, and lose a lot when the other core is busy.
+torch.set_num_threads(1)
 
 TINY_VIT = '{"embed_dim": 32, "depth": 2, "num_heads": 2}'
 TINY_BERT = (
