@@ -102,3 +102,22 @@ def text_cache(path: Path, records: list[TextRecord], length: int = 6) -> None:
     prov = {"backbone": "bert", "weights_sha256": "y", "preprocessing": {}}
     with CacheWriter(path, Schema.build("tokens", shapes, "float32"), prov) as writer:
         writer.add([r.key for r in records], arrays)
+
+
+def assert_fits_one_batch(model, batch: dict, steps: int = 15) -> None:
+    """A few AdamW steps on one batch must halve the loss: the model can learn at all."""
+    import torch
+    from torch import nn
+
+    head = nn.Linear(model.output_dim, 3)
+    target = torch.tensor([0, 1, 2])
+    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(head(model(**batch)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention
 
+from tests.fusion_fixtures import assert_fits_one_batch
 from vlpipe.fusion.attention import SdpaLxmertAttention
 from vlpipe.fusion.cross import CrossFusion, CrossFusionConfig
 
@@ -102,19 +103,7 @@ def test_sdpa_equals_transformers_attention():
 
 def test_few_steps_fit_one_batch():
     torch.manual_seed(0)
-    model = CrossFusion(tiny(dropout=0.0))
-    head = nn.Linear(model.output_dim, 3)
-    batch, target = make_batch(), torch.tensor([0, 1, 2])
-    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = nn.functional.cross_entropy(head(model(**batch)), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert_fits_one_batch(CrossFusion(tiny(dropout=0.0)), make_batch())
 
 
 def test_config_needs_a_layer():

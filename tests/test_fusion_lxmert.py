@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import BertConfig, BertModel, LxmertForPreTraining, LxmertModel
 
+from tests.fusion_fixtures import assert_fits_one_batch
 from vlpipe.fusion.attention import SdpaLxmertAttention
 from vlpipe.fusion.lxmert import (
     LxmertFusion,
@@ -162,19 +163,7 @@ def test_attention_probabilities_fall_back_to_the_stock_path():
 
 def test_few_steps_fit_one_batch():
     torch.manual_seed(0)
-    model = LxmertFusion(tiny(dropout=0.0))
-    head = nn.Linear(model.output_dim, 3)
-    batch, target = make_batch(), torch.tensor([0, 1, 2])
-    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = nn.functional.cross_entropy(head(model(**batch)), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert_fits_one_batch(LxmertFusion(tiny(dropout=0.0)), make_batch())
 
 
 def test_config_needs_a_cross_layer():
