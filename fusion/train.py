@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from vlpipe.fusion import checkpoint as ckpt
+from vlpipe.fusion import distributed
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task
@@ -45,17 +46,24 @@ class TrainConfig:
 
 
 class EpochOrder(Sampler[int]):
-    """A seeded permutation per epoch, starting `skip` items in (resume mid-epoch)."""
+    """A seeded permutation per epoch, this rank's share of it (every world-th item, padded by
+    wrapping so all ranks take the same number of steps), starting `skip` items in."""
 
-    def __init__(self, n: int, seed: int, epoch: int, skip: int = 0):
+    def __init__(self, n: int, seed: int, epoch: int, skip: int = 0, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[int]:
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        return iter(perm[self.skip :].tolist())
+        padded = np.resize(perm, self.per_rank(self.n, self.world) * self.world)
+        return iter(padded[self.rank :: self.world][self.skip :].tolist())
+
+    @staticmethod
+    def per_rank(n: int, world: int) -> int:
+        return math.ceil(n / world)
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return self.per_rank(self.n, self.world) - self.skip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,9 +102,13 @@ class Logger:
 
     FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s")
 
-    def __init__(self, run_dir: Path, total: int, start: int, progress: bool):
+    def __init__(self, run_dir: Path, total: int, start: int, progress: bool, main: bool = True):
         from tqdm import tqdm
 
+        self.main = main
+        if not main:  # other ranks: the same calls, no output
+            self.bar, self.file, self.tb = tqdm(disable=True), None, None
+            return
         self.path = run_dir / "train_log.csv"
         kept = self._rows_up_to(start)  # a killed run may have logged past its checkpoint
         self.file = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
@@ -122,6 +134,8 @@ class Logger:
             ]
 
     def step(self, row: dict[str, float]) -> None:
+        if not self.main:
+            return
         self.csv.writerow([row[k] for k in self.FIELDS])
         self.file.flush()  # `tail -f train_log.csv` works, and a killed run keeps its log
         if self.tb is not None:
@@ -131,13 +145,14 @@ class Logger:
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.tb is not None:
+        if self.main and self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -185,6 +200,150 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class Trainer:
+    """The state of one run: model (DDP-wrapped under torchrun), optimizer, schedule, position.
+    Rank 0 alone logs and writes checkpoints; metrics are gathered across ranks."""
+
+    def __init__(
+        self,
+        model: TaskModel,
+        task: Task,
+        data: TaskDataset,
+        cfg: TrainConfig,
+        run_dir: Path,
+        meta: dict[str, Any],
+        progress: bool = True,
+    ):
+        self.device = resolve_device(cfg.device)
+        self.dist = distributed.init(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        _seed_everything(cfg.seed, self.device)
+        self.model, self.task, self.data, self.cfg, self.run_dir = model, task, data, cfg, run_dir
+        self.meta = dict(meta, train=asdict(cfg), world_size=self.dist.world)
+        model.to(self.device)
+        self.net = self._wrap(model)
+        self.per_epoch = math.ceil(EpochOrder.per_rank(len(data), self.dist.world) / cfg.batch_size)
+        total = self.per_epoch * cfg.epochs
+        self.limit = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.opt = make_optimizer(model, cfg)
+        self.sched = make_schedule(self.opt, total, cfg.warmup_ratio)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.step, self.epoch, self.skip = 0, 0, 0
+        self.progress = progress and self.dist.main
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.dist.enabled:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            raise ckpt.RunError(f"{self.run_dir}: nothing to resume (no checkpoint)")
+        saved_world = ckpt.load_meta(latest).get("world_size", 1)
+        if saved_world != self.dist.world:
+            raise ckpt.RunError(
+                f"{latest}: written by {saved_world} processes, resuming with "
+                f"{self.dist.world} would change the data order"
+            )
+        ckpt.load_weights(latest, self.model)
+        self.step, self.epoch, self.skip = _restore(
+            ckpt.load_trainer_state(latest), self.opt, self.sched
+        )
+
+    def save(self, seen: int, extra: dict[str, Any] | None = None) -> None:
+        if self.dist.main:
+            state = _trainer_state(self.step, self.epoch, seen, self.opt, self.sched)
+            ckpt.save_checkpoint(
+                self.run_dir, self.step, self.model, dict(self.meta, **(extra or {})), state
+            )
+        distributed.barrier(self.dist)
+
+    def fit(self, val: TaskDataset | None = None) -> dict[str, Any]:
+        """Train (from the resumed position), checkpoint, evaluate after every epoch."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = Logger(self.run_dir, self.limit, self.step, self.progress, self.dist.main)
+        results: dict[str, Any] = {}
+        try:
+            while self.epoch < self.cfg.epochs and self.step < self.limit:
+                seen = self._epoch(log)
+                if seen < len(self._order()):  # stopped by max_steps: resumable from here
+                    self.save(self.skip + seen)
+                    break
+                self.epoch, self.skip = self.epoch + 1, 0
+                results = self._validate(val, log) if val is not None else results
+                self.save(0, {"eval": results})
+        finally:
+            log.close()
+        if self.dist.main:
+            plot_curves(self.run_dir / "train_log.csv", self.run_dir / "curves.png")
+        return results
+
+    def _order(self) -> EpochOrder:
+        return EpochOrder(
+            len(self.data), self.cfg.seed, self.epoch, 0, self.dist.rank, self.dist.world
+        )
+
+    def _epoch(self, log: Logger) -> int:
+        """One epoch from item `self.skip` of this rank's share; returns items seen after it."""
+        self.net.train()
+        order = self._order()
+        order.skip = self.skip
+        seen = 0
+        for batch in self.data.loader(self.cfg.batch_size, order, self.cfg.num_workers):
+            start = time.perf_counter()
+            loss = distributed.mean(self.dist, self._step(to_device(batch, self.device)))
+            n = len(batch["target"])
+            self.step, seen = self.step + 1, seen + n
+            log.step(
+                {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "loss": loss,
+                    "lr": self.sched.get_last_lr()[0],
+                    "samples_per_s": n * self.dist.world / (time.perf_counter() - start),
+                }
+            )
+            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and len(order) > seen:
+                self.save(self.skip + seen)
+            if self.step >= self.limit:
+                break
+        return self.skip + seen
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.net(batch)
+        loss = self.task.loss_fn(logits.float(), batch["target"])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    def _validate(self, val: TaskDataset, log: Logger) -> dict[str, Any]:
+        results = evaluate(
+            self.model,
+            self.task,
+            val,
+            self.cfg.batch_size,
+            self.device,
+            self.cfg.num_workers,
+            self.dist,
+        )[0]
+        if self.dist.main:
+            _append_jsonl(
+                self.run_dir / "eval_log.jsonl", dict(results, step=self.step, epoch=self.epoch)
+            )
+            log.scalars(
+                self.step, {f"val/{k}": v for k, v in results.items() if isinstance(v, int | float)}
+            )
+        return results
+
+
 def train(
     model: TaskModel,
     task: Task,
@@ -198,113 +357,10 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, checkpoint and (when `val` is given) evaluate after every epoch."""
-    device = resolve_device(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _seed_everything(cfg.seed, device)
-    model.to(device)
-    per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total = per_epoch * cfg.epochs
-    opt = make_optimizer(model, cfg)
-    sched = make_schedule(opt, total, cfg.warmup_ratio)
-    meta = dict(meta, train=asdict(cfg))
-    step, epoch, skip = 0, 0, 0
+    trainer = Trainer(model, task, data, cfg, run_dir, meta, progress)
     if resume:
-        step, epoch, skip = _resume(run_dir, model, opt, sched)
-    limit = min(total, cfg.max_steps) if cfg.max_steps else total
-    log = Logger(run_dir, limit, step, progress)
-    amp = cfg.amp and device.type == "cuda"
-    results: dict[str, Any] = {}
-    try:
-        while epoch < cfg.epochs and step < limit:
-            step, seen = _run_epoch(
-                model,
-                task,
-                data,
-                cfg,
-                device,
-                amp,
-                opt,
-                sched,
-                log,
-                run_dir,
-                meta,
-                step,
-                epoch,
-                skip,
-                limit,
-            )
-            if seen < len(data):  # stopped mid-epoch by max_steps: resumable from here
-                ckpt.save_checkpoint(
-                    run_dir, step, model, meta, _trainer_state(step, epoch, seen, opt, sched)
-                )
-                break
-            epoch, skip = epoch + 1, 0
-            if val is not None:
-                results = evaluate(model, task, val, cfg.batch_size, device, cfg.num_workers)[0]
-                _append_jsonl(run_dir / "eval_log.jsonl", dict(results, step=step, epoch=epoch))
-                log.scalars(
-                    step, {f"val/{k}": v for k, v in results.items() if isinstance(v, int | float)}
-                )
-            ckpt.save_checkpoint(
-                run_dir,
-                step,
-                model,
-                dict(meta, eval=results),
-                _trainer_state(step, epoch, 0, opt, sched),
-            )
-    finally:
-        log.close()
-    plot_curves(run_dir / "train_log.csv", run_dir / "curves.png")
-    return results
-
-
-def _resume(run_dir: Path, model, opt, sched) -> tuple[int, int, int]:
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        raise ckpt.RunError(f"{run_dir}: nothing to resume (no checkpoint)")
-    ckpt.load_weights(latest, model)
-    return _restore(ckpt.load_trainer_state(latest), opt, sched)
-
-
-def _run_epoch(
-    model, task, data, cfg, device, amp, opt, sched, log, run_dir, meta, step, epoch, skip, limit
-) -> tuple[int, int]:
-    """One epoch from item `skip` on; returns (global step, items of this epoch seen)."""
-    model.train()
-    order = EpochOrder(len(data), cfg.seed, epoch, skip)
-    seen = skip
-    for batch in data.loader(cfg.batch_size, order, cfg.num_workers):
-        start = time.perf_counter()
-        loss = _train_step(model, task, to_device(batch, device), cfg, amp, opt, sched)
-        step, seen = step + 1, seen + len(batch["target"])
-        row = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss,
-            "lr": sched.get_last_lr()[0],
-            "samples_per_s": len(batch["target"]) / (time.perf_counter() - start),
-        }
-        log.step(row)
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and seen < len(data):
-            ckpt.save_checkpoint(
-                run_dir, step, model, meta, _trainer_state(step, epoch, seen, opt, sched)
-            )
-        if step >= limit:
-            break
-    return step, seen
-
-
-def _train_step(model, task, batch, cfg, amp, opt, sched) -> float:
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        logits = model(batch)
-    loss = task.loss_fn(logits.float(), batch["target"])
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    sched.step()
-    return float(loss.detach())
+        trainer.resume()
+    return trainer.fit(val)
 
 
 @torch.no_grad()
@@ -315,22 +371,41 @@ def predict(
     batch_size: int,
     device: torch.device,
     num_workers: int = 0,
+    dist_info: distributed.DistInfo | None = None,
 ) -> dict[str, str]:
-    """{record key: predicted answer string} over the whole dataset, in order."""
+    """{record key: predicted answer string}; under torchrun each rank predicts every world-th
+    record and the parts are gathered."""
+    info = dist_info or distributed.DistInfo()
     model.eval().to(device)
+    indices = list(range(info.rank, len(data), info.world))
     preds: dict[str, str] = {}
-    position = 0
-    for batch in data.loader(batch_size, None, num_workers):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(to_device(batch, device))
-        for i in logits.float().argmax(-1).tolist():
-            preds[data.records[position].key] = data.vocab.answer(i)
-            position += 1
-    return preds
+    for start in range(0, len(indices), batch_size * 16):  # bounded memory, few loader starts
+        chunk = indices[start : start + batch_size * 16]
+        for batch_indices, batch in zip(
+            _chunks(chunk, batch_size), data.loader(batch_size, chunk, num_workers), strict=True
+        ):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(to_device(batch, device))
+            for i, answer in zip(batch_indices, logits.float().argmax(-1).tolist(), strict=True):
+                preds[data.records[i].key] = data.vocab.answer(answer)
+    return distributed.gather_dicts(info, preds)
 
 
-def evaluate(model, task, data, batch_size, device, num_workers=0) -> tuple[dict, dict]:
-    preds = predict(model, task, data, batch_size, device, num_workers)
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def evaluate(
+    model,
+    task,
+    data,
+    batch_size,
+    device,
+    num_workers=0,
+    dist_info: distributed.DistInfo | None = None,
+) -> tuple[dict, dict]:
+    preds = predict(model, task, data, batch_size, device, num_workers, dist_info)
     labelled = [r for r in data.records if r.answers or r.label]
     if not labelled:
         return {}, preds

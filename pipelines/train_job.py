@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import CacheSet, TaskDataset, build_vocab
 from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
@@ -148,9 +150,10 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
         **req.model_config,
     }
     fusion_config = make_fusion_config(req.fusion, config_values)
+    cfg = TrainConfig(**{**preset(req.fusion, task.name), **req.train_overrides})
+    torch.manual_seed(cfg.seed)  # the initial weights are part of the run's recipe
     model = TaskModel(req.fusion, fusion_config, len(vocab), task.images_per_example)
     _initialise(model, req)
-    cfg = TrainConfig(**{**preset(req.fusion, task.name), **req.train_overrides})
     meta = {
         "task": task.name,
         "fusion": req.fusion,

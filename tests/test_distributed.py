@@ -1,0 +1,66 @@
+"""Training under torchrun with 2 CPU processes (gloo) equals one process with the doubled
+batch: same global batches, averaged gradients, rank 0 alone writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.fusion_fixtures import color_records, image_cache, text_cache
+
+
+def _train_args(tmp_path, out, batch):
+    return ["train", "--features", tmp_path / "img.h5", "--text-features", tmp_path / "txt.h5",
+            "--task", "gqa", "--annotations", tmp_path / "q.json", "--epochs", 2,
+            "--batch-size", batch, "--lr", 1e-2, "--out", out, "--no-progress"]
+
+
+@pytest.fixture
+def color_task(tmp_path):
+    """24 GQA-format questions about 12 images whose colour the features encode."""
+    image_cache(tmp_path / "img.h5", 12)
+    recs = color_records(12)
+    text_cache(tmp_path / "txt.h5", recs)
+    questions = {r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
+                 for r in recs}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    return tmp_path
+
+
+def _run(args, torchrun=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    head = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-port", "29533", "-m", "vlpipe"] if torchrun else
+            [sys.executable, "-m", "vlpipe"])
+    proc = subprocess.run(head + [str(a) for a in args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run):
+    with open(run / "train_log.csv") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+def _weights(run):
+    return load_file(str(run / (run / "LATEST").read_text() / "model.safetensors"))
+
+
+def test_two_ranks_equal_one_process_with_double_batch(color_task):
+    tmp = color_task
+    _run(_train_args(tmp, tmp / "one", 8))
+    _run(_train_args(tmp, tmp / "two", 4), torchrun=True)
+    one, two = _losses(tmp / "one"), _losses(tmp / "two")
+    assert len(one) == len(two) == 6
+    assert two == pytest.approx(one, abs=1e-5)
+    w1, w2 = _weights(tmp / "one"), _weights(tmp / "two")
+    for name in w1:
+        assert (w1[name] - w2[name]).abs().max() < 1e-4, name
+    assert sorted(p.name for p in (tmp / "two").iterdir() if p.name.startswith("ckpt-"))
