@@ -36,6 +36,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vlpipe.provenance import sha256_file
+
 SCHEMA_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")
 
@@ -190,6 +192,10 @@ class ShardWriter:
         fd = self.h5.id.get_vfd_handle()
         os.fsync(fd)
         self.h5.close()
+        # The checksum sits beside the shard (a file cannot hold its own hash); `vlpipe verify`
+        # compares it with the bytes on disk. It is written before the rename, so every
+        # visible shard has one.
+        _write_text_atomic(checksum_path(self.final_path), sha256_file(self.tmp_path))
         os.replace(self.tmp_path, self.final_path)
         _fsync_dir(self.final_path.parent)
         return self.final_path
@@ -198,6 +204,25 @@ class ShardWriter:
         if self.h5:
             self.h5.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+def checksum_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".sha256")
+
+
+def shard_checksum(shard: Path) -> str:
+    """The recorded sha256 of a shard (computed now for shards written without one)."""
+    side = checksum_path(shard)
+    return side.read_text().strip() if side.exists() else sha256_file(shard)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _append(ds: h5py.Dataset, start: int, values) -> None:
@@ -279,6 +304,9 @@ class CacheWriter:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{self.writer}-*.h5.tmp"):  # a crashed run's partial shard
             stale.unlink()
+        for side in folder.glob(f"{self.writer}-*.h5.sha256"):  # crashed between hash and rename
+            if not side.with_suffix("").exists():
+                side.unlink()
 
     def _load_done(self) -> set[str]:
         done: set[str] = set()
@@ -435,7 +463,7 @@ def build_index(path: str | Path) -> dict:
         rows_keys += keys
         alias_keys += akeys
         alias_rows += [offset + int(r) for r in arows]
-        table.append((shard.name, len(keys), shard.stat().st_size))
+        table.append((shard.name, len(keys), shard.stat().st_size, shard_checksum(shard)))
         offset += len(keys)
     all_keys = rows_keys + alias_keys
     _check_unique(path, all_keys, shards)
@@ -451,6 +479,7 @@ def build_index(path: str | Path) -> dict:
         h5["shard_files"] = np.array([t[0] for t in table], dtype=object).astype(_STR)
         h5["shard_rows"] = np.array([t[1] for t in table], np.int64)
         h5["shard_bytes"] = np.array([t[2] for t in table], np.int64)
+        h5["shard_sha256"] = np.array([t[3] for t in table], dtype=object).astype(_STR)
         h5.create_dataset("keys", data=np.array(all_keys, dtype=object), dtype=_STR)
         h5["key_rows"] = np.concatenate(
             [np.arange(offset), np.asarray(alias_rows, np.int64)]
@@ -459,7 +488,7 @@ def build_index(path: str | Path) -> dict:
             "failures", data=np.array(failures or np.empty((0, 3)), dtype=object), dtype=_STR
         )
         links = h5.create_group("shards")
-        for name, _, _ in table:
+        for name, *_ in table:
             links[name] = h5py.ExternalLink(f"{shard_dir(path).name}/{name}", "/")
     os.replace(tmp, path)
     return {"rows": offset, "keys": len(all_keys), "failures": len(failures), "shards": len(table)}

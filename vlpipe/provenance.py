@@ -12,8 +12,9 @@ RANDOM_INIT = "random-init"
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, or of every file of a folder (sorted, names included)."""
+def sha256_file(path: str | Path, chunk: int = 1 << 22, cached: bool = True) -> str:
+    """sha256 of a file, or of every file of a folder (sorted, names included). `cached`
+    reuses an earlier digest of the same path, size and mtime (weights are hashed often)."""
     path = Path(path)
     if path.is_dir():
         digest = hashlib.sha256()
@@ -23,7 +24,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         return digest.hexdigest()
     stat = path.stat()
     cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if cache_key not in _HASH_CACHE:
+    if cache_key not in _HASH_CACHE or not cached:
         digest = hashlib.sha256()
         with open(path, "rb") as fh:
             while block := fh.read(chunk):
