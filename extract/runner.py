@@ -196,9 +196,11 @@ def _write_image_batch(extractor, batch, writer, device, opts, summary) -> None:
     if not good:
         return
     pixels = [b["pixels"].to(device, non_blocking=True) for b in good]
-    inputs = torch.stack(pixels) if extractor.stackable else pixels
     with torch.inference_mode(), autocast(device, opts.precision):
-        outputs = extractor.encode(inputs)
+        if extractor.stackable:
+            outputs = extractor.encode(torch.stack(pixels))
+        else:  # images of their own sizes; the original (h, w) maps boxes back to its pixels
+            outputs = extractor.encode(pixels, [b["hw"] for b in good])
     arrays = _to_numpy(outputs, writer.schema)
     arrays["image_hw"] = np.array([b["hw"] for b in good], dtype=np.int32)
     writer.add([b["key"] for b in good], arrays)

@@ -28,12 +28,14 @@ def _fail(err: Exception) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     from vlpipe.cache import CacheError
     from vlpipe.data_manifests.base import AnnotationError
+    from vlpipe.extract.frcnn.d2_backend import BackendUnavailable
     from vlpipe.fusion.checkpoint import RunError
     from vlpipe.weights import WeightsError
 
     return (
         CacheError,
         WeightsError,
+        BackendUnavailable,
         AnnotationError,
         RunError,
         FileNotFoundError,
@@ -79,10 +81,24 @@ def extract(
     overwrite: bool = typer.Option(False, help="replace an existing cache"),
     progress: bool = typer.Option(True, help="progress bar"),
     seed: int = typer.Option(0, help="seed of random-init weights"),
+    box_policy: str = typer.Option(
+        None, help="frcnn: caffe (default; LXMERT's 36) | maxnms | adaptive (10-100)"
+    ),
+    min_boxes: int = typer.Option(None, help="frcnn: fewest regions (caffe 36, adaptive 10)"),
+    max_boxes: int = typer.Option(
+        None, help="frcnn: most regions = K stored per image (caffe 36, adaptive 100, maxnms 36)"
+    ),
+    conf_threshold: float = typer.Option(None, help="frcnn: region confidence (default 0.2)"),
+    max_size: int = typer.Option(None, help="frcnn: cap of the long side (default 1000)"),
+    allow_pickle: bool = typer.Option(
+        False, help="frcnn: allow reading a .pkl checkpoint (unpickling runs code from the file)"
+    ),
+    impl: str = typer.Option(None, help="frcnn: native (default) | detectron2"),
+    config: Path = typer.Option(None, help="frcnn --impl detectron2: the detectron2 yaml config"),
 ) -> None:
     """Run a frozen encoder over a dataset and cache its features."""
     from vlpipe.extract.runner import RunOptions
-    from vlpipe.pipelines.extract_job import ExtractRequest, run_extract
+    from vlpipe.pipelines.extract_job import ExtractRequest, FrcnnOptions, run_extract
 
     req = ExtractRequest(
         backbone,
@@ -99,6 +115,16 @@ def extract(
         max_length,
         vocab,
         cls_only,
+        FrcnnOptions(
+            box_policy,
+            min_boxes,
+            max_boxes,
+            conf_threshold,
+            max_size,
+            allow_pickle,
+            impl,
+            str(config) if config else None,
+        ),
     )
     opts = RunOptions(
         batch_size,
@@ -182,6 +208,70 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+@app.command("import")
+def import_features(
+    source: Path = typer.Argument(..., help="an LXMERT .tsv file or a folder of MILVLG .npz"),
+    fmt: str = typer.Option(..., "--format", help="lxmert-tsv | npz"),
+    out: Path = typer.Option(..., help="cache index file to write"),
+    dtype: str = typer.Option("float32", help="stored feature dtype (float32 keeps bytes exact)"),
+    max_boxes: int = typer.Option(
+        None, help="K rows per image (default: tsv the first row's, npz the largest num_bbox)"
+    ),
+    allow_pickle: bool = typer.Option(
+        False, help="npz: read the pickled `info` dict (unpickling runs code from the files)"
+    ),
+    verbatim_keys: bool = typer.Option(
+        False, help="key images by img_id as is (default: COCO_train2014_000000458752 -> 458752)"
+    ),
+    limit: int = typer.Option(None, help="only the first N images"),
+    shard_items: int = typer.Option(4096, help="images per shard"),
+    overwrite: bool = typer.Option(False, help="replace an existing cache"),
+) -> None:
+    """Turn region features written by other tools into a vlpipe cache."""
+    from vlpipe.extract import interop
+
+    opts = interop.ImportOptions(
+        max_boxes,
+        dtype,
+        allow_pickle,
+        verbatim_keys,
+        overwrite,
+        shard_items=shard_items,
+        limit=limit,
+    )
+    try:
+        s = interop.import_features(fmt, source, out, opts)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(
+        f"{out}: imported {s.items} images ({s.max_boxes} x {s.feature_dim} regions, "
+        f"img_id format {s.img_id_format!r})"
+    )
+
+
+@app.command("export")
+def export_features(
+    cache: Path = typer.Argument(..., help="a regions cache index file"),
+    fmt: str = typer.Option("lxmert-tsv", "--format", help="lxmert-tsv"),
+    out: Path = typer.Option(..., help="file to write"),
+    img_id_format: str = typer.Option(
+        None,
+        help="img_id from the key: {key} or {num} (int), e.g. 'COCO_val2014_{num:012d}' "
+        "(default: the one recorded by `vlpipe import`, else {key})",
+    ),
+) -> None:
+    """Write a regions cache as an LXMERT TSV, for code that reads those files."""
+    from vlpipe.extract import interop
+
+    try:
+        if fmt != "lxmert-tsv":
+            raise ValueError(f"unknown export format {fmt!r}; expected lxmert-tsv")
+        n = interop.export_lxmert_tsv(cache, out, img_id_format=img_id_format)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(f"{out}: wrote {n} images")
+
+
 def _json_option(text: str, name: str) -> dict:
     try:
         value = json.loads(text)
@@ -233,6 +323,7 @@ def train(
     init: str = typer.Option(None, help="pretrained LXMERT: HF folder or Epoch20_LXRT.pth"),
     init_bert: str = typer.Option(None, help="BERT folder for LXMERT's language layers"),
     resume: bool = typer.Option(False, help="continue the run in --out exactly"),
+    overwrite: bool = typer.Option(False, help="replace an earlier run in --out"),
     progress: bool = typer.Option(True),
 ) -> None:
     """Train a fusion model and task head from cached features."""
@@ -374,6 +465,39 @@ def demo(
         run_demo(opts)
     except _user_errors() as err:
         _fail(err)
+
+
+@app.command()
+def verify(
+    cache: Path = typer.Argument(..., help="cache index file"),
+    repair: bool = typer.Option(
+        False,
+        help="move corrupt shards aside and rebuild the index "
+        "from the intact ones (then `extract --resume` refills)",
+    ),
+) -> None:
+    """Check every shard against its checksum and counts; exit 1 on any problem."""
+    from vlpipe import verify as check
+
+    try:
+        report = check.verify(cache)
+        for problem in report.problems:
+            typer.echo(f"problem: {problem}", err=True)
+        if repair and not report.ok:
+            _, summary = check.repair(cache)
+            typer.echo(
+                f"repaired: index rebuilt from {summary['shards']} shards, "
+                f"{summary['rows']} rows; {len(report.corrupt)} corrupt shards moved aside"
+            )
+            report = check.verify(cache)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(
+        f"{cache}: {report.shards} shards, {report.items} items, "
+        f"{'OK' if report.ok else f'{len(report.problems)} problems'}"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

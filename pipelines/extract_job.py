@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlpipe.extract.base import parse_weights
 from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
+
+
+@dataclass
+class FrcnnOptions:
+    """Options of `--backbone frcnn` only (None: the box policy's / model's default)."""
+
+    box_policy: str | None = None
+    min_boxes: int | None = None
+    max_boxes: int | None = None
+    conf_threshold: float | None = None
+    max_size: int | None = None
+    allow_pickle: bool = False
+    impl: str | None = None
+    config: str | None = None
+
+    def given(self) -> dict[str, object]:
+        """The options the user set, by name."""
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
 
 @dataclass
@@ -28,6 +46,7 @@ class ExtractRequest:
     max_length: int = 20
     vocab: str | None = None
     cls_only: bool = False
+    frcnn: FrcnnOptions = field(default_factory=FrcnnOptions)
 
 
 def build_from_request(req: ExtractRequest, seed: int = 0):
@@ -40,6 +59,10 @@ def build_from_request(req: ExtractRequest, seed: int = 0):
         kwargs = json.loads(req.model_kwargs)
     except json.JSONDecodeError as err:
         raise ValueError(f"--model-kwargs is not JSON: {err}") from err
+    frcnn = req.frcnn.given()
+    if frcnn and req.backbone != "frcnn":
+        flags = ", ".join("--" + k.replace("_", "-") for k in frcnn)
+        raise ValueError(f"{flags}: only for --backbone frcnn, not {req.backbone!r}")
     torch.manual_seed(seed)  # random-init weights are a function of the seed
     extractor = build_extractor(
         req.backbone,
@@ -50,6 +73,7 @@ def build_from_request(req: ExtractRequest, seed: int = 0):
         model_kwargs=kwargs,
         vocab=req.vocab,
         patches=not req.cls_only,
+        **frcnn,
     )
     if weights is None:
         warn_random(req.backbone)

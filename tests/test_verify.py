@@ -59,3 +59,17 @@ def test_truncated_index_is_rebuilt(cache):
 def test_shard_missing_from_disk_is_reported(cache):
     complete_shards(cache)[2].unlink()
     assert any("missing on disk" in p for p in verify(cache).problems)
+
+
+def test_verify_cli_exit_status_and_repair(cache):
+    from typer.testing import CliRunner
+
+    from vlpipe.pipelines.cli import app
+
+    run = CliRunner()
+    assert run.invoke(app, ["verify", str(cache)]).exit_code == 0
+    cache.unlink()
+    result = run.invoke(app, ["verify", str(cache)])
+    assert result.exit_code == 1 and "index missing" in result.output
+    result = run.invoke(app, ["verify", str(cache), "--repair"])
+    assert result.exit_code == 0 and "repaired" in result.output and "OK" in result.output

@@ -1,0 +1,173 @@
+"""SIGKILL a real extraction or training process at several points, resume, and compare with
+a run that was never interrupted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_VIT, write_image
+from vlpipe.cache import FeatureCache, shard_dir
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def extract_cmd(root: Path, out: Path, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vlpipe",
+        "extract",
+        "--backbone",
+        "vit",
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        TINY_VIT,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "1",
+        "--shard-items",
+        "2",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
+    """Start cmd, SIGKILL it as soon as ready() holds (or fail if it exits first)."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"process ended before the kill point: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("kill point never reached")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    for i in range(9):
+        write_image(root / f"img{i}.png", size=(40, 30), seed=i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "c.h5"
+    subprocess.run(extract_cmd(folder, out), env=ENV, check=True, capture_output=True)
+    return FeatureCache(out)
+
+
+def _n_shards(out: Path, suffix: str) -> int:
+    folder = shard_dir(out)
+    return len(list(folder.glob(f"*{suffix}"))) if folder.exists() else 0
+
+
+KILL_POINTS = {
+    "first partial shard": lambda out: _n_shards(out, ".h5.tmp") >= 1,
+    "after two shards": lambda out: _n_shards(out, ".h5") >= 2,
+    "mid third shard": lambda out: _n_shards(out, ".h5") >= 2 and _n_shards(out, ".tmp") >= 1,
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_extraction_resumes_to_the_clean_result(folder, clean, tmp_path, point):
+    out = tmp_path / "k.h5"
+    kill_when(extract_cmd(folder, out), lambda: KILL_POINTS[point](out))
+    if out.exists():  # a reader never sees a half-written shard
+        assert set(FeatureCache(out).keys()) < set(clean.keys())
+    subprocess.run(extract_cmd(folder, out, "--resume"), env=ENV, check=True, capture_output=True)
+    resumed = FeatureCache(out)
+    keys = clean.keys()
+    assert sorted(resumed.keys()) == sorted(keys) and resumed.num_rows == len(keys)
+    for field in ("image_cls", "image_feats", "image_hw"):
+        np.testing.assert_array_equal(resumed.read(keys)[field], clean.read(keys)[field])
+    assert not list(shard_dir(out).glob("*.tmp"))
+
+
+def _gqa_files(tmp_path: Path) -> list[str]:
+    from tests.fusion_fixtures import color_records, image_cache, text_cache
+
+    image_cache(tmp_path / "img.h5", 12)
+    recs = color_records(12)
+    text_cache(tmp_path / "txt.h5", recs)
+    (tmp_path / "q.json").write_text(
+        json.dumps(
+            {
+                r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
+                for r in recs
+            }
+        )
+    )
+    return [
+        "--features",
+        str(tmp_path / "img.h5"),
+        "--text-features",
+        str(tmp_path / "txt.h5"),
+        "--task",
+        "gqa",
+        "--annotations",
+        str(tmp_path / "q.json"),
+    ]
+
+
+def _losses(run: Path) -> list[float]:
+    with open(run / "train_log.csv") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+def test_killed_training_resumes_on_the_same_loss_trajectory(tmp_path):
+    data = _gqa_files(tmp_path)
+    base = [
+        sys.executable,
+        "-m",
+        "vlpipe",
+        "train",
+        *data,
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--ckpt-every",
+        "2",
+        "--no-progress",
+    ]
+    subprocess.run([*base, "--out", str(tmp_path / "a")], env=ENV, check=True, capture_output=True)
+    run = tmp_path / "b"
+
+    def past_step_8() -> bool:
+        latest = run / "LATEST"
+        return latest.exists() and int(latest.read_text().split("-")[1]) >= 8
+
+    kill_when([*base, "--out", str(run)], past_step_8)
+    subprocess.run([*base, "--out", str(run), "--resume"], env=ENV, check=True, capture_output=True)
+    assert _losses(run) == pytest.approx(_losses(tmp_path / "a"), abs=1e-6)
+    assert len(_losses(run)) == 24
