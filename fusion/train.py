@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from vlpipe.fusion import checkpoint as ckpt
-from vlpipe.fusion import distributed
+from vlpipe import distributed
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task

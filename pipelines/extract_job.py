@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vlpipe.cache import CacheError, build_index, complete_shards, shard_dir
 from vlpipe.extract.base import parse_weights
 from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
 
@@ -99,10 +101,51 @@ def records_for(req: ExtractRequest, modality: str) -> list[Any]:
 
 
 def run_extract(req: ExtractRequest, opts: RunOptions) -> Summary:
+    """Extract; under torchrun every rank takes every world-th item and writes its own shards,
+    and rank 0 ties them into the index once all ranks are done."""
+    from vlpipe import distributed
+    from vlpipe.extract.runner import resolve_device
+
+    dist = distributed.init(resolve_device(opts.device).type)
     extractor = build_from_request(req, opts.seed)
     records = records_for(req, extractor.modality)
     if not records:
         raise ValueError(f"dataset {req.dataset!r} split {req.split!r} has no items")
+    if dist.enabled:
+        records, opts = records[dist.rank :: dist.world], _rank_options(req.out, opts, dist)
     info = {"name": req.dataset, "split": req.split, "root": str(req.root) if req.root else None}
     run = extract_images if extractor.modality == "image" else extract_texts
-    return run(extractor, records, str(req.out), opts, info)
+    summary = run(extractor, records, str(req.out), opts, info)
+    if dist.enabled:
+        distributed.barrier(dist)
+        if dist.main:
+            build_index(req.out)
+        distributed.barrier(dist)
+    return summary
+
+
+def _rank_options(out: Path, opts: RunOptions, dist) -> RunOptions:
+    """Each rank writes shards "r<rank>-*"; only rank 0 may clear an old cache (--overwrite),
+    the others wait for it and then open the folder as a resume."""
+    from vlpipe import distributed
+
+    if not (opts.resume or opts.overwrite) and (out.exists() or complete_shards(out)):
+        raise CacheError(
+            f"{out} already exists: pass --resume to continue it or --overwrite to replace it"
+        )
+    if dist.main and opts.overwrite and not opts.resume:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(shard_dir(out), ignore_errors=True)
+    distributed.barrier(dist)
+    device = opts.device
+    if resolve_device_type(device) == "cuda":
+        device = f"cuda:{dist.local_rank}"
+    return replace(
+        opts, writer=f"r{dist.rank}", build_index=False, resume=True, overwrite=False, device=device
+    )
+
+
+def resolve_device_type(device: str) -> str:
+    from vlpipe.extract.runner import resolve_device
+
+    return resolve_device(device).type

@@ -64,3 +64,25 @@ def test_two_ranks_equal_one_process_with_double_batch(color_task):
     for name in w1:
         assert (w1[name] - w2[name]).abs().max() < 1e-4, name
     assert sorted(p.name for p in (tmp / "two").iterdir() if p.name.startswith("ckpt-"))
+
+
+def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
+    """torchrun -m vlpipe extract: disjoint items per rank, own shards, one index."""
+    import numpy as np
+
+    from tests.conftest import TINY_VIT, write_image
+    from vlpipe.cache import FeatureCache
+
+    for i in range(7):
+        write_image(tmp_path / "imgs" / f"img{i}.png", size=(40, 30), seed=i)
+    args = ["extract", "--backbone", "vit", "--dataset", "folder", "--root", tmp_path / "imgs",
+            "--weights", "random", "--arch", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT,
+            "--image-size", 32, "--batch-size", 2, "--num-workers", 0, "--no-progress"]
+    _run([*args, "--out", tmp_path / "one.h5"])
+    _run([*args, "--out", tmp_path / "two.h5"], torchrun=True)
+    one, two = FeatureCache(tmp_path / "one.h5"), FeatureCache(tmp_path / "two.h5")
+    assert sorted(two.shard_files) == ["r0-00000.h5", "r1-00000.h5"]
+    keys = one.keys()
+    assert sorted(two.keys()) == sorted(keys) and two.num_rows == 7
+    for field in ("image_cls", "image_feats", "image_hw"):
+        np.testing.assert_allclose(two.read(keys)[field], one.read(keys)[field], atol=1e-3)
