@@ -160,7 +160,7 @@ def _batches(records, transform, opts: RunOptions, device: torch.device) -> Iter
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if opts.num_workers else None,
+        prefetch_factor=2 if opts.num_workers else None,  # bounded host memory: FRCNN inputs ~7 MB
     )
     yield from loader
 
