@@ -29,6 +29,17 @@ def minilm_dir() -> Path:
     return Path(pkg.__file__).parent / "model"
 
 
+def vlpipe(*args, code: int = 0):
+    """Run the CLI in-process; assert its exit status, return the result."""
+    from typer.testing import CliRunner
+
+    from vlpipe.pipelines.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result
+
+
 def write_image(path: Path, size=(40, 30), mode="RGB", seed=0, fmt=None) -> Path:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]

@@ -16,9 +16,26 @@ from tests.fusion_fixtures import color_records, image_cache, text_cache
 
 
 def _train_args(tmp_path, out, batch):
-    return ["train", "--features", tmp_path / "img.h5", "--text-features", tmp_path / "txt.h5",
-            "--task", "gqa", "--annotations", tmp_path / "q.json", "--epochs", 2,
-            "--batch-size", batch, "--lr", 1e-2, "--out", out, "--no-progress"]
+    return [
+        "train",
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--task",
+        "gqa",
+        "--annotations",
+        tmp_path / "q.json",
+        "--epochs",
+        2,
+        "--batch-size",
+        batch,
+        "--lr",
+        1e-2,
+        "--out",
+        out,
+        "--no-progress",
+    ]
 
 
 @pytest.fixture
@@ -27,19 +44,34 @@ def color_task(tmp_path):
     image_cache(tmp_path / "img.h5", 12)
     recs = color_records(12)
     text_cache(tmp_path / "txt.h5", recs)
-    questions = {r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
-                 for r in recs}
+    questions = {
+        r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
+        for r in recs
+    }
     (tmp_path / "q.json").write_text(json.dumps(questions))
     return tmp_path
 
 
 def _run(args, torchrun=False):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    head = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-             "--master-port", "29533", "-m", "vlpipe"] if torchrun else
-            [sys.executable, "-m", "vlpipe"])
-    proc = subprocess.run(head + [str(a) for a in args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    head = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "vlpipe",
+        ]
+        if torchrun
+        else [sys.executable, "-m", "vlpipe"]
+    )
+    proc = subprocess.run(
+        head + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -75,9 +107,28 @@ def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
 
     for i in range(7):
         write_image(tmp_path / "imgs" / f"img{i}.png", size=(40, 30), seed=i)
-    args = ["extract", "--backbone", "vit", "--dataset", "folder", "--root", tmp_path / "imgs",
-            "--weights", "random", "--arch", "vit_tiny_patch16_224", "--model-kwargs", TINY_VIT,
-            "--image-size", 32, "--batch-size", 2, "--num-workers", 0, "--no-progress"]
+    args = [
+        "extract",
+        "--backbone",
+        "vit",
+        "--dataset",
+        "folder",
+        "--root",
+        tmp_path / "imgs",
+        "--weights",
+        "random",
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        TINY_VIT,
+        "--image-size",
+        32,
+        "--batch-size",
+        2,
+        "--num-workers",
+        0,
+        "--no-progress",
+    ]
     _run([*args, "--out", tmp_path / "one.h5"])
     _run([*args, "--out", tmp_path / "two.h5"], torchrun=True)
     one, two = FeatureCache(tmp_path / "one.h5"), FeatureCache(tmp_path / "two.h5")

@@ -8,19 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tests.conftest import TINY_BERT, TINY_VIT, write_image
+from tests.conftest import TINY_BERT, TINY_VIT, vlpipe, write_image
 from vlpipe.cache import FeatureCache
-from vlpipe.pipelines.cli import EXIT_PARTIAL, app
-
-runner = CliRunner()
-
-
-def vlpipe(*args: str, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output + str(result.exception or "")
-    return result
+from vlpipe.pipelines.cli import EXIT_PARTIAL
 
 
 def vit_args(root, out, *extra):

@@ -13,21 +13,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tests.conftest import write_image
+from tests.conftest import vlpipe, write_image
 from vlpipe.cache import FeatureCache
-from vlpipe.pipelines.cli import app
 
-runner = CliRunner()
 TINY_FRCNN = '{"tiny": true}'
 SIZES = [(96, 64), (64, 80), (72, 72)]  # (width, height) of the three images
-
-
-def vlpipe(*args, code: int = 0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output + str(result.exception or "")
-    return result
 
 
 @pytest.fixture

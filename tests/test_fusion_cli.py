@@ -8,20 +8,10 @@ from collections import Counter
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from tests.conftest import TINY_VIT
+from tests.conftest import TINY_VIT, vlpipe
 from tests.fusion_fixtures import COLORS, QUESTIONS, image_cache, text_cache
 from vlpipe.data_manifests.base import TextRecord
-from vlpipe.pipelines.cli import app
-
-runner = CliRunner()
-
-
-def vlpipe(*args, code=0):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
 
 
 def write_vqa(tmp_path, n_images=12):
@@ -31,15 +21,33 @@ def write_vqa(tmp_path, n_images=12):
             qid = i * 10 + q
             questions.append({"image_id": i, "question": QUESTIONS[q], "question_id": qid})
             answer = COLORS[i % 3]
-            annotations.append({"question_id": qid, "image_id": i, "question_type": "what color",
-                                "answer_type": "other", "multiple_choice_answer": answer,
-                                "answers": [{"answer": answer, "answer_confidence": "yes",
-                                             "answer_id": k + 1} for k in range(10)]})
+            annotations.append(
+                {
+                    "question_id": qid,
+                    "image_id": i,
+                    "question_type": "what color",
+                    "answer_type": "other",
+                    "multiple_choice_answer": answer,
+                    "answers": [
+                        {"answer": answer, "answer_confidence": "yes", "answer_id": k + 1}
+                        for k in range(10)
+                    ],
+                }
+            )
             recs.append(TextRecord(str(qid), QUESTIONS[q], (str(i),)))
     qfile, afile = tmp_path / "questions.json", tmp_path / "annotations.json"
-    qfile.write_text(json.dumps({"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
-                                 "data_subtype": "train2014", "license": {},
-                                 "questions": questions}))
+    qfile.write_text(
+        json.dumps(
+            {
+                "info": {},
+                "task_type": "Open-Ended",
+                "data_type": "mscoco",
+                "data_subtype": "train2014",
+                "license": {},
+                "questions": questions,
+            }
+        )
+    )
     afile.write_text(json.dumps({"annotations": annotations}))
     return qfile, afile, recs
 
@@ -72,20 +80,65 @@ def _rekey(path, fn):
 def test_train_evaluate_predict_vqa(vqa_setup):
     tmp_path, qfile, afile = vqa_setup
     run = tmp_path / "run"
-    vlpipe("train", "--features", tmp_path / "img.h5", "--text-features", tmp_path / "txt.h5",
-           "--task", "vqa", "--fusion", "concat", "--annotations", qfile, "--annotations", afile,
-           "--min-answer-count", 1, "--epochs", 12, "--batch-size", 8, "--lr", 3e-3, "--out", run,
-           "--no-progress")
+    vlpipe(
+        "train",
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--task",
+        "vqa",
+        "--fusion",
+        "concat",
+        "--annotations",
+        qfile,
+        "--annotations",
+        afile,
+        "--min-answer-count",
+        1,
+        "--epochs",
+        12,
+        "--batch-size",
+        8,
+        "--lr",
+        3e-3,
+        "--out",
+        run,
+        "--no-progress",
+    )
     meta = json.loads((run / (run / "LATEST").read_text() / "run.json").read_text())
     assert sorted(meta["answers"]) == sorted(COLORS) and meta["fusion"] == "concat"
     assert meta["caches"]["image"]["backbone"] == "vit"
     assert (run / "train_log.csv").exists() and (run / "curves.png").exists()
-    out = vlpipe("evaluate", "--run", run, "--features", tmp_path / "img.h5", "--text-features",
-                 tmp_path / "txt.h5", "--annotations", qfile, "--annotations", afile, "--json")
+    out = vlpipe(
+        "evaluate",
+        "--run",
+        run,
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--annotations",
+        qfile,
+        "--annotations",
+        afile,
+        "--json",
+    )
     scores = json.loads(out.output)
     assert scores["overall"] == 100.0 and scores["perAnswerType"]["other"] == 100.0
-    vlpipe("predict", "--run", run, "--features", tmp_path / "img.h5", "--text-features",
-           tmp_path / "txt.h5", "--annotations", qfile, "--out", tmp_path / "sub.json")
+    vlpipe(
+        "predict",
+        "--run",
+        run,
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--annotations",
+        qfile,
+        "--out",
+        tmp_path / "sub.json",
+    )
     sub = json.loads((tmp_path / "sub.json").read_text())
     assert sub[0] == {"question_id": 0, "answer": "red"} and len(sub) == 24
 
@@ -93,9 +146,23 @@ def test_train_evaluate_predict_vqa(vqa_setup):
 def test_train_refuses_annotations_the_cache_lacks(vqa_setup):
     tmp_path, qfile, afile = vqa_setup
     _rekey(tmp_path / "img.h5", lambda k: "x" + k)
-    result = vlpipe("train", "--features", tmp_path / "img.h5", "--text-features",
-                    tmp_path / "txt.h5", "--task", "vqa", "--annotations", qfile, "--annotations",
-                    afile, "--out", tmp_path / "run", "--no-progress", code=1)
+    result = vlpipe(
+        "train",
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--task",
+        "vqa",
+        "--annotations",
+        qfile,
+        "--annotations",
+        afile,
+        "--out",
+        tmp_path / "run",
+        "--no-progress",
+        code=1,
+    )
     assert "image keys of the annotations are not in" in result.output
     assert not (tmp_path / "run").exists()
 
@@ -114,17 +181,50 @@ def test_nlvr2_predictions_csv(tmp_path):
     (tmp_path / "dev.json").write_text("\n".join(lines) + "\n")
     text_cache(tmp_path / "txt.h5", recs)
     run = tmp_path / "run"
-    vlpipe("train", "--features", tmp_path / "img.h5", "--text-features", tmp_path / "txt.h5",
-           "--task", "nlvr2", "--annotations", tmp_path / "dev.json", "--epochs", 2,
-           "--out", run, "--no-progress")
-    vlpipe("predict", "--run", run, "--features", tmp_path / "img.h5", "--text-features",
-           tmp_path / "txt.h5", "--annotations", tmp_path / "dev.json")
+    vlpipe(
+        "train",
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--task",
+        "nlvr2",
+        "--annotations",
+        tmp_path / "dev.json",
+        "--epochs",
+        2,
+        "--out",
+        run,
+        "--no-progress",
+    )
+    vlpipe(
+        "predict",
+        "--run",
+        run,
+        "--features",
+        tmp_path / "img.h5",
+        "--text-features",
+        tmp_path / "txt.h5",
+        "--annotations",
+        tmp_path / "dev.json",
+    )
     rows = (run / "predictions.csv").read_text().split()
     assert len(rows) == 6 and rows[0].split(",")[0] == "dev-0-0-0"
     assert {r.split(",")[1] for r in rows} <= {"True", "False"}
-    scores = json.loads(vlpipe("evaluate", "--run", run, "--features", tmp_path / "img.h5",
-                               "--text-features", tmp_path / "txt.h5", "--annotations",
-                               tmp_path / "dev.json", "--json").output)
+    scores = json.loads(
+        vlpipe(
+            "evaluate",
+            "--run",
+            run,
+            "--features",
+            tmp_path / "img.h5",
+            "--text-features",
+            tmp_path / "txt.h5",
+            "--annotations",
+            tmp_path / "dev.json",
+            "--json",
+        ).output
+    )
     assert set(scores) == {"accuracy", "consistency", "n"} and scores["n"] == 6
 
 
@@ -139,8 +239,10 @@ def _add_img1(path):
     data = cache.read(keys)
     schema = Schema(cache.kind, cache.fields)
     with CacheWriter(path, schema, cache.provenance, writer="r1", resume=True) as writer:
-        writer.add([k.replace("img0", "img1") for k in keys],
-                   {f: np.roll(v, 1, axis=0) for f, v in data.items()})
+        writer.add(
+            [k.replace("img0", "img1") for k in keys],
+            {f: np.roll(v, 1, axis=0) for f, v in data.items()},
+        )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -150,12 +252,46 @@ def test_easy_vqa_slice_beats_the_majority_answer(tmp_path, minilm_dir):
     from vlpipe.data_manifests.easy_vqa import read_easy_vqa
     from vlpipe.pipelines.train_job import DataSpec, TrainRequest, run_train
 
-    vlpipe("extract", "--backbone", "vit", "--dataset", "easy-vqa", "--split", "train",
-           "--limit", 200, "--weights", "random", "--arch", "vit_tiny_patch16_224",
-           "--model-kwargs", TINY_VIT, "--image-size", 64, "--cls-only", "--num-workers", 0,
-           "--out", tmp_path / "img.h5", "--no-progress")
-    vlpipe("extract", "--backbone", "bert", "--dataset", "easy-vqa", "--split", "train",
-           "--weights", minilm_dir, "--cls-only", "--out", tmp_path / "q.h5", "--no-progress")
+    vlpipe(
+        "extract",
+        "--backbone",
+        "vit",
+        "--dataset",
+        "easy-vqa",
+        "--split",
+        "train",
+        "--limit",
+        200,
+        "--weights",
+        "random",
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        TINY_VIT,
+        "--image-size",
+        64,
+        "--cls-only",
+        "--num-workers",
+        0,
+        "--out",
+        tmp_path / "img.h5",
+        "--no-progress",
+    )
+    vlpipe(
+        "extract",
+        "--backbone",
+        "bert",
+        "--dataset",
+        "easy-vqa",
+        "--split",
+        "train",
+        "--weights",
+        minilm_dir,
+        "--cls-only",
+        "--out",
+        tmp_path / "q.h5",
+        "--no-progress",
+    )
     from vlpipe.cache import FeatureCache
 
     images = sorted(FeatureCache(tmp_path / "img.h5").keys())
@@ -173,9 +309,14 @@ def test_easy_vqa_slice_beats_the_majority_answer(tmp_path, minilm_dir):
             return self._records
 
     torch.manual_seed(0)
-    req = TrainRequest("concat", Fixed(train_recs), tmp_path / "run", Fixed(test_recs),
-                       train_overrides={"epochs": 6, "batch_size": 64, "lr": 1e-3},
-                       progress=False)
+    req = TrainRequest(
+        "concat",
+        Fixed(train_recs),
+        tmp_path / "run",
+        Fixed(test_recs),
+        train_overrides={"epochs": 6, "batch_size": 64, "lr": 1e-3},
+        progress=False,
+    )
     results = run_train(req)
     majority = Counter(r.answers[0] for r in test_recs).most_common(1)[0][1] / len(test_recs)
     assert results["accuracy"] > 100 * majority + 10, (results, majority)
