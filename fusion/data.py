@@ -48,13 +48,16 @@ class CacheSet:
         return ", ".join(str(c.path) for c in self.caches)
 
     def missing(self, keys: Sequence[str]) -> list[str]:
-        return [k for k in keys if not any(k in c for c in self.caches)]
+        found = np.zeros(len(keys), dtype=bool)
+        for cache in self.caches:
+            found |= cache.contains(keys)
+        return [k for k, ok in zip(keys, found, strict=True) if not ok]
 
     def read(self, keys: Sequence[str], fields: Sequence[str]) -> dict[str, np.ndarray]:
         which = np.full(len(keys), -1)
         for i, cache in enumerate(self.caches):
             todo = np.nonzero(which < 0)[0]
-            which[todo[[keys[j] in cache for j in todo]]] = i
+            which[todo[cache.contains([keys[j] for j in todo])]] = i
         out: dict[str, np.ndarray] = {}
         for i in np.unique(which):
             sel = np.nonzero(which == i)[0]
@@ -199,8 +202,7 @@ class TaskDataset(Dataset):
         if not wanted:
             return {}
         keys = [k for r in recs for k in r.image_keys]
-        raw_fields = [f for f in self.images.fields if f != "image_mask" or "image_mask" in wanted]
-        raw = self.images.read(keys, raw_fields)
+        raw = self.images.read(keys, self._raw_image_fields(wanted))
         vis = visual_fields(raw, self.images.kind, self.grid, wanted)
         per = self.task.images_per_example
         return {
@@ -211,6 +213,17 @@ class TaskDataset(Dataset):
             else torch.from_numpy(np.ascontiguousarray(v)).reshape(len(recs), per, *v.shape[1:])
             for k, v in vis.items()
         }
+
+    def _raw_image_fields(self, wanted: list[str]) -> list[str]:
+        """Only the cache fields these model inputs are made from (a CLS-only model must not
+        pay for reading patch tokens)."""
+        if self.images.kind == "regions":
+            raw = {"image_feats", "image_hw", "image_boxes", "image_mask"}
+            if wanted == ["image_cls"]:
+                raw = {"image_feats", "image_mask"}
+        else:
+            raw = {"image_cls"} | ({"image_feats"} if set(wanted) - {"image_cls"} else set())
+        return [f for f in self.images.fields if f in raw]
 
     def _text_batch(
         self, recs: list[TextRecord], indices: Sequence[int]

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from vlpipe.fusion import checkpoint as ckpt
 from vlpipe import distributed
+from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task

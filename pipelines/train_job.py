@@ -120,8 +120,10 @@ def _check_run_dir(req: TrainRequest) -> None:
     if req.resume or not (req.out / ckpt.LATEST).exists():
         return
     if not req.overwrite:
-        raise ckpt.RunError(f"{req.out} already holds a run: pass --resume to continue it or "
-                            "--overwrite to start again")
+        raise ckpt.RunError(
+            f"{req.out} already holds a run: pass --resume to continue it or "
+            "--overwrite to start again"
+        )
     import shutil
 
     shutil.rmtree(req.out)
