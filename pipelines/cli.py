@@ -437,7 +437,7 @@ def predict(
 def demo(
     workdir: Path = typer.Option(Path("vlpipe-demo"), help="where caches and the run go"),
     fusion: str = typer.Option("concat", help="concat | lxmert | cross"),
-    epochs: int = typer.Option(8),
+    epochs: int = typer.Option(3),
     vision_weights: str = typer.Option(
         None, help="local timm ViT checkpoint (default: none can be downloaded, so random-init)"
     ),

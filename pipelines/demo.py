@@ -30,8 +30,8 @@ class DemoOptions:
     image_size: int = 64
     text_weights: str | None = None
     fusion: str = "concat"
-    epochs: int = 8
-    batch_size: int = 64
+    epochs: int = 3
+    batch_size: int = 128
     num_workers: int = 2
     device: str = "auto"
     progress: bool = True
@@ -72,24 +72,26 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     work.mkdir(parents=True, exist_ok=True)
     text_weights = opts.text_weights or _minilm()
     paths: dict[str, dict[str, Path]] = {}
+    cls_only = opts.fusion == "concat"  # the concat model reads CLS vectors only
+    tag = "_cls" if cls_only else ""  # token caches and CLS caches live side by side
     for split in ("train", "test"):
         vit = ExtractRequest(
             "vit",
             "easy-vqa",
-            work / f"{split}_vit.h5",
+            work / f"{split}_vit{tag}.h5",
             split=split,
             weights=opts.vision_weights or "random",
             arch=opts.vision_arch,
             image_size=opts.image_size,
-            cls_only=opts.fusion == "concat",
+            cls_only=cls_only,
         )
         bert = ExtractRequest(
             "bert",
             "easy-vqa",
-            work / f"{split}_bert.h5",
+            work / f"{split}_bert{tag}.h5",
             split=split,
             weights=text_weights,
-            cls_only=opts.fusion == "concat",
+            cls_only=cls_only,
         )
         paths[split] = {"image": _extract(vit, opts), "text": _extract(bert, opts)}
     return paths
@@ -111,6 +113,7 @@ def run_demo(opts: DemoOptions) -> dict:
         train_overrides={
             "epochs": opts.epochs,
             "batch_size": opts.batch_size,
+            "lr": 1e-3,  # a short run on small frozen features: faster than the paper's 1e-4
             "device": opts.device,
         },
         resume=False,
