@@ -498,13 +498,16 @@ SPAN_BYTES = 8 << 20  # read a whole span when it costs at most this much
 
 
 def _read_sorted(ds: h5py.Dataset, rows: np.ndarray, item_bytes: int) -> np.ndarray:
-    """Rows (sorted, unique) of a dataset. h5py's point selection costs ~0.1 ms per row, so
-    small items are read as one contiguous span and picked in numpy; big items (regions,
-    patches), where the span would be wasteful, use the selection."""
+    """Rows (sorted, unique) of a dataset. h5py's point selection (`ds[rows]`) runs at about
+    18 MB/s (docs/benchmarks.md), so small items are read as one contiguous span and picked in
+    numpy, and big items (regions, patches) one row slice at a time."""
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     if len(rows) == 1 or (hi - lo) * item_bytes <= max(SPAN_BYTES, 4 * len(rows) * item_bytes):
         return ds[lo:hi][rows - lo]
-    return ds[rows]
+    out = np.empty((len(rows), *ds.shape[1:]), dtype=ds.dtype)
+    for i, row in enumerate(rows.tolist()):
+        out[i] = ds[row]
+    return out
 
 
 def _check_unique(path: Path, keys: list[str], shards: list[Path]) -> None:
@@ -548,6 +551,8 @@ class FeatureCache:
         self._order = np.argsort(self._keys, kind="stable")
         self._sorted_keys = self._keys[self._order]
         self._handles: dict[int, h5py.File] = {}
+        # Dataset objects kept open: re-opening one per read throws HDF5's chunk cache away.
+        self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
         self._pid = os.getpid()
 
     @property
@@ -590,7 +595,7 @@ class FeatureCache:
 
     def _file(self, shard: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: never touch the parent's handles
-            self._handles, self._pid = {}, os.getpid()
+            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         h5 = self._handles.get(shard)
         if h5 is None:
             name = shard_dir(self.path) / self.shard_files[shard]
@@ -615,11 +620,17 @@ class FeatureCache:
             sel = np.nonzero(shard_of == shard)[0]
             local = rows[sel] - self._starts[shard]
             uniq, inverse = np.unique(local, return_inverse=True)
-            h5 = self._file(int(shard))
             for f in fields:
-                data = _read_sorted(h5[f], uniq, self._item_bytes(f))
+                data = _read_sorted(self._dataset(int(shard), f), uniq, self._item_bytes(f))
                 out[f][sel] = data[inverse] if f != "text" else np.array(_decode(data))[inverse]
         return out
+
+    def _dataset(self, shard: int, field: str) -> h5py.Dataset:
+        h5 = self._file(shard)  # also resets the caches after a fork
+        ds = self._datasets.get((shard, field))
+        if ds is None:
+            ds = self._datasets[(shard, field)] = h5[field]
+        return ds
 
     def _item_bytes(self, field: str) -> int:
         shape, dtype = self.schema.fields[field]
@@ -643,6 +654,7 @@ class FeatureCache:
         return {f: v[0] for f, v in self.read_rows(rows).items()}
 
     def close(self) -> None:
+        self._datasets = {}
         if self._pid == os.getpid():
             for h5 in self._handles.values():
                 h5.close()
@@ -650,7 +662,7 @@ class FeatureCache:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_handles"], state["_datasets"] = {}, {}
         return state
 
     def __del__(self):
