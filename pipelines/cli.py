@@ -25,6 +25,17 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _fail_hard(err: Exception) -> None:
+    """After a failed HDF5 write the library's state is unreliable and its object teardown at
+    interpreter exit can crash: report and leave without it (complete shards are on disk)."""
+    import os
+
+    typer.secho(f"error: {err}", fg="red", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from vlpipe.cache import CacheError
     from vlpipe.data_manifests.base import AnnotationError
@@ -138,8 +149,12 @@ def extract(
         progress=progress,
         seed=seed,
     )
+    from vlpipe.cache import CacheWriteError
+
     try:
         summary = run_extract(req, opts)
+    except CacheWriteError as err:
+        _fail_hard(err)
     except _user_errors() as err:
         _fail(err)
     _print_summary(summary)

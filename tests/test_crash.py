@@ -171,3 +171,32 @@ def test_killed_training_resumes_on_the_same_loss_trajectory(tmp_path):
     subprocess.run([*base, "--out", str(run), "--resume"], env=ENV, check=True, capture_output=True)
     assert _losses(run) == pytest.approx(_losses(tmp_path / "a"), abs=1e-6)
     assert len(_losses(run)) == 24
+
+
+def test_write_error_stops_cleanly_and_the_run_resumes(folder, clean, tmp_path):
+    """A file-size limit on the process (as a full disk would) stops the run with a clear
+    message; complete shards stay; --resume finishes the cache."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))
+
+    out = tmp_path / "w.h5"
+    proc = subprocess.run(
+        extract_cmd(folder, out, "--shard-items", "4"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+    )
+    # Non-zero, with the message. (After HDF5's failed write, h5py's object teardown can still
+    # crash the exiting process, so the status may be a signal rather than 1.)
+    assert proc.returncode != 0
+    assert "rerun the same command with --resume" in proc.stderr, proc.stderr[-2000:]
+    assert not list(shard_dir(out).glob("*.tmp"))  # the partial shard was dropped
+    subprocess.run(extract_cmd(folder, out, "--resume"), env=ENV, check=True, capture_output=True)
+    resumed = FeatureCache(out)
+    assert sorted(resumed.keys()) == sorted(clean.keys())
+    keys = clean.keys()
+    np.testing.assert_array_equal(resumed.read(keys)["image_cls"], clean.read(keys)["image_cls"])

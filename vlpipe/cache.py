@@ -76,6 +76,10 @@ class CacheError(RuntimeError):
     """Anything wrong with a cache on disk; the message names the file."""
 
 
+class CacheWriteError(CacheError):
+    """Writing failed (disk full, file-size limit, I/O error); complete shards are intact."""
+
+
 @dataclass(frozen=True)
 class Schema:
     """The fields one cache holds: name -> (per-item shape, dtype)."""
@@ -201,7 +205,8 @@ class ShardWriter:
         return self.final_path
 
     def abort(self) -> None:
-        if self.h5:
+        """Throw the partial shard away (after a crash-like error the file may not close)."""
+        with contextlib.suppress(RuntimeError, OSError):
             self.h5.close()
         self.tmp_path.unlink(missing_ok=True)
 
@@ -362,8 +367,9 @@ class CacheWriter:
             shard = self._current()
             stop = min(len(keys), start + self.shard_items - shard.n)
             part = list(keys[start:stop])
-            shard.append(part, {n: arrays[n][start:stop] for n in self.schema.fields})
-            self._add_aliases(shard, shard.n - len(part), part, aliases or {})
+            with self._write_errors():
+                shard.append(part, {n: arrays[n][start:stop] for n in self.schema.fields})
+                self._add_aliases(shard, shard.n - len(part), part, aliases or {})
             self.done.update(part)
             start = stop
             if shard.n >= self.shard_items:
@@ -397,11 +403,26 @@ class CacheWriter:
     def flush(self) -> None:
         """Finish the current shard (if any rows or failures) and make it visible."""
         if self._shard is not None:
-            if self._shard.n or self._shard.n_failures:
-                self._shard.finish()
-            else:
-                self._shard.abort()
+            with self._write_errors():
+                if self._shard.n or self._shard.n_failures:
+                    self._shard.finish()
+                else:
+                    self._shard.abort()
             self._shard = None
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """A full disk or file-size limit surfaces from HDF5 as OSError or RuntimeError: drop the
+        partial shard and say what to do; complete shards are untouched."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            self.abort()
+            raise CacheError(
+                f"writing a shard of {self.path} failed ({err}); the complete "
+                "shards are intact: fix the cause (disk space?) and rerun the same "
+                "command with --resume"
+            ) from err
 
     def close(self) -> None:
         self.flush()
@@ -410,9 +431,9 @@ class CacheWriter:
 
     def abort(self) -> None:
         """Drop the partial shard; complete shards stay for --resume."""
-        if self._shard is not None:
-            self._shard.abort()
-            self._shard = None
+        shard, self._shard = self._shard, None
+        if shard is not None:
+            shard.abort()
 
     def __enter__(self) -> CacheWriter:
         return self
