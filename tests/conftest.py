@@ -17,6 +17,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
 
 TINY_VIT = '{"embed_dim": 32, "depth": 2, "num_heads": 2}'
+# A tiny random ViT over 32 px images: the extraction arguments most tests share.
+TINY_VIT_ARGS = (
+    "--backbone",
+    "vit",
+    "--weights",
+    "random",
+    "--arch",
+    "vit_tiny_patch16_224",
+    "--model-kwargs",
+    TINY_VIT,
+    "--image-size",
+    "32",
+    "--num-workers",
+    "0",
+    "--no-progress",
+)
 TINY_BERT = (
     '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}'
 )

@@ -15,43 +15,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_VIT, write_image
+from tests.conftest import TINY_VIT_ARGS, write_image
 from vlpipe.cache import FeatureCache, shard_dir
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 
 def extract_cmd(root: Path, out: Path, *extra) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vlpipe",
+    args = [
         "extract",
-        "--backbone",
-        "vit",
         "--dataset",
         "folder",
         "--root",
-        str(root),
+        root,
         "--out",
-        str(out),
-        "--weights",
-        "random",
-        "--arch",
-        "vit_tiny_patch16_224",
-        "--model-kwargs",
-        TINY_VIT,
-        "--image-size",
-        "32",
+        out,
+        *TINY_VIT_ARGS,
         "--batch-size",
         "1",
         "--shard-items",
         "2",
-        "--num-workers",
-        "0",
-        "--no-progress",
         *extra,
     ]
+    return [sys.executable, "-m", "vlpipe", *map(str, args)]
 
 
 def kill_when(cmd: list[str], ready, timeout: float = 120) -> None:

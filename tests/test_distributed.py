@@ -102,32 +102,20 @@ def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
     """torchrun -m vlpipe extract: disjoint items per rank, own shards, one index."""
     import numpy as np
 
-    from tests.conftest import TINY_VIT, write_image
+    from tests.conftest import TINY_VIT_ARGS, write_image
     from vlpipe.cache import FeatureCache
 
     for i in range(7):
         write_image(tmp_path / "imgs" / f"img{i}.png", size=(40, 30), seed=i)
     args = [
         "extract",
-        "--backbone",
-        "vit",
         "--dataset",
         "folder",
         "--root",
         tmp_path / "imgs",
-        "--weights",
-        "random",
-        "--arch",
-        "vit_tiny_patch16_224",
-        "--model-kwargs",
-        TINY_VIT,
-        "--image-size",
-        32,
+        *TINY_VIT_ARGS,
         "--batch-size",
         2,
-        "--num-workers",
-        0,
-        "--no-progress",
     ]
     _run([*args, "--out", tmp_path / "one.h5"])
     _run([*args, "--out", tmp_path / "two.h5"], torchrun=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_BERT, TINY_VIT, vlpipe, write_image
+from tests.conftest import TINY_BERT, TINY_VIT, TINY_VIT_ARGS, vlpipe, write_image
 from vlpipe.cache import FeatureCache
 from vlpipe.pipelines.cli import EXIT_PARTIAL
 
@@ -17,27 +17,15 @@ from vlpipe.pipelines.cli import EXIT_PARTIAL
 def vit_args(root, out, *extra):
     return (
         "extract",
-        "--backbone",
-        "vit",
         "--dataset",
         "folder",
         "--root",
         root,
         "--out",
         out,
-        "--weights",
-        "random",
-        "--arch",
-        "vit_tiny_patch16_224",
-        "--model-kwargs",
-        TINY_VIT,
-        "--image-size",
-        32,
+        *TINY_VIT_ARGS,
         "--batch-size",
         4,
-        "--num-workers",
-        0,
-        "--no-progress",
         *extra,
     )
 
