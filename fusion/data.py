@@ -204,13 +204,14 @@ class TaskDataset(Dataset):
         keys = [k for r in recs for k in r.image_keys]
         raw = self.images.read(keys, self._raw_image_fields(wanted))
         vis = visual_fields(raw, self.images.kind, self.grid, wanted)
-        per = self.task.images_per_example
+        # NLVR2 (two images per example) keeps an image axis: B, 2, ...; the others B, ...
+        shape = (
+            (len(recs), self.task.images_per_example)
+            if self.task.images_per_example > 1
+            else (len(recs),)
+        )
         return {
-            k: torch.from_numpy(np.ascontiguousarray(v))
-            .reshape(len(recs), per, *v.shape[1:])
-            .squeeze(1)
-            if per == 1
-            else torch.from_numpy(np.ascontiguousarray(v)).reshape(len(recs), per, *v.shape[1:])
+            k: torch.from_numpy(np.ascontiguousarray(v)).reshape(*shape, *v.shape[1:])
             for k, v in vis.items()
         }
 
