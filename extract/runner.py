@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlpipe import provenance as prov
 from vlpipe.cache import CacheWriter, Schema
 from vlpipe.data_manifests.base import ImageRecord, TextRecord
+from vlpipe.distributed import resolve_device
 from vlpipe.extract.base import Extractor
 from vlpipe.extract.images import BadImage, load_image
 
@@ -60,12 +61,6 @@ class Summary:
     @property
     def items_per_s(self) -> float:
         return self.written / self.seconds if self.seconds else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def autocast(device: torch.device, precision: str):

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlpipe.io import write_text_atomic
+
 LATEST = "LATEST"
 KEEP = 2  # checkpoints kept besides the newest "final"
 
@@ -49,7 +51,7 @@ def save_checkpoint(
     final = run_dir / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic(run_dir / LATEST, name)
+    write_text_atomic(run_dir / LATEST, name)
     _prune(run_dir, keep=final)
     return final
 
@@ -58,14 +60,6 @@ def _fsync_tree(folder: Path) -> None:
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(run_dir: Path, keep: Path) -> None:

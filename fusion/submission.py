@@ -14,28 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
+
+from vlpipe.io import write_text_atomic
 
 from .metrics import parse_nlvr2_label
 
 PathLike = str | os.PathLike
-
-
-def _atomic_write_text(path: PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json_list(path: PathLike, keys: tuple[str, str]) -> list[dict]:
@@ -65,7 +50,7 @@ def _to_unique_dict(pairs: list[tuple[str, object]], path: PathLike) -> dict:
 def write_vqa_submission(path: PathLike, preds: Mapping[str, str]) -> None:
     """Write [{"question_id": int, "answer": str}] in the order of `preds`."""
     items = [{"question_id": int(qid), "answer": str(ans)} for qid, ans in preds.items()]
-    _atomic_write_text(path, json.dumps(items))
+    write_text_atomic(path, json.dumps(items))
 
 
 def read_vqa_submission(path: PathLike) -> dict[str, str]:
@@ -80,7 +65,7 @@ def read_vqa_submission(path: PathLike) -> dict[str, str]:
 def write_gqa_submission(path: PathLike, preds: Mapping[str, str]) -> None:
     """Write [{"questionId": str, "prediction": str}] in the order of `preds`."""
     items = [{"questionId": str(qid), "prediction": str(ans)} for qid, ans in preds.items()]
-    _atomic_write_text(path, json.dumps(items))
+    write_text_atomic(path, json.dumps(items))
 
 
 def read_gqa_submission(path: PathLike) -> dict[str, str]:
@@ -99,7 +84,7 @@ def write_nlvr2_predictions(path: PathLike, preds: Mapping[str, bool | str]) -> 
         if "," in identifier:
             raise ValueError(f"NLVR2 identifier {identifier!r} contains a comma")
         lines.append(f"{identifier},{parse_nlvr2_label(pred)}\n")
-    _atomic_write_text(path, "".join(lines))
+    write_text_atomic(path, "".join(lines))
 
 
 def read_nlvr2_predictions(path: PathLike) -> dict[str, bool]:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from vlpipe import distributed
+from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
@@ -64,14 +65,6 @@ class EpochOrder(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank(self.n, self.world) - self.skip
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(
-        "cuda"
-        if name == "auto" and torch.cuda.is_available()
-        else ("cpu" if name == "auto" else name)
-    )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

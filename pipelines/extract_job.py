@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpipe.cache import CacheError, build_index, complete_shards, shard_dir
+from vlpipe.distributed import resolve_device
 from vlpipe.extract.base import parse_weights
 from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
 
@@ -104,7 +105,6 @@ def run_extract(req: ExtractRequest, opts: RunOptions) -> Summary:
     """Extract; under torchrun every rank takes every world-th item and writes its own shards,
     and rank 0 ties them into the index once all ranks are done."""
     from vlpipe import distributed
-    from vlpipe.extract.runner import resolve_device
 
     dist = distributed.init(resolve_device(opts.device).type)
     extractor = build_from_request(req, opts.seed)
@@ -138,14 +138,8 @@ def _rank_options(out: Path, opts: RunOptions, dist) -> RunOptions:
         shutil.rmtree(shard_dir(out), ignore_errors=True)
     distributed.barrier(dist)
     device = opts.device
-    if resolve_device_type(device) == "cuda":
+    if resolve_device(device).type == "cuda":
         device = f"cuda:{dist.local_rank}"
     return replace(
         opts, writer=f"r{dist.rank}", build_index=False, resume=True, overwrite=False, device=device
     )
-
-
-def resolve_device_type(device: str) -> str:
-    from vlpipe.extract.runner import resolve_device
-
-    return resolve_device(device).type

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
+from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import CacheSet, TaskDataset, build_vocab
 from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
 from vlpipe.fusion.tasks import Task, get_task
-from vlpipe.fusion.train import TrainConfig, evaluate, predict, resolve_device, train
+from vlpipe.fusion.train import TrainConfig, evaluate, predict, train
 
 # The papers' fine-tuning settings. LXMERT: lr 5e-5 (GQA 1e-5), batch 32, 4 epochs, clip 5.
 # Transformer-exclusive concat paper: lr 1e-4, linear decay with warm-up, 25 epochs.
@@ -59,9 +60,9 @@ def _tokenizer(vocab: str | None, texts: CacheSet | None):
     if vocab is None and texts is not None:
         vocab = texts.provenance.get("preprocessing", {}).get("vocab")
     if vocab is None:
-        from vlpipe.extract.bert import _default_vocab
+        from vlpipe.tokenizer import default_vocab
 
-        vocab = _default_vocab()
+        vocab = default_vocab()
     if vocab is None:
         raise ValueError("this fusion tokenizes the texts: pass --vocab PATH/vocab.txt")
     return bert_tokenizer(vocab), str(vocab)

