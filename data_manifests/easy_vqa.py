@@ -5,7 +5,8 @@
 Train and test image ids both start at 0, so keys carry the split.
 
 Records: key = "{split}/q{index}" (index into the lists); image_keys = ("{split}/{image_id}",),
-the `easy-vqa` listing's key; answers = (answer,).
+the `easy-vqa` listing's key; answers = (answer,); extra["answer_type"] = yes/no | color | shape
+(the package has no types; they follow from the answer, like VQA's answer_type).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import easy_vqa as package
 from .base import TextRecord, apply_limit
 
 SPLITS = ("train", "test")
+SHAPES = frozenset({"circle", "rectangle", "triangle"})
+
+
+def answer_type(answer: str) -> str:
+    """yes/no, shape or color: the kind of question an easy-VQA answer answers."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in SHAPES else "color"
 
 
 def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[TextRecord]:
@@ -30,6 +39,7 @@ def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[TextRe
             text=text,
             image_keys=(f"{split}/{image_id}",),
             answers=(answer,),
+            extra={"answer_type": answer_type(answer)},
         )
         for index, (text, answer, image_id) in enumerate(rows)
     ]

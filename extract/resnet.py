@@ -1,5 +1,11 @@
-"""ResNet (timm): the 7x7x2048 grid of the last stage and its global average (the paper's CNN
-ablation)."""
+"""ResNet (timm): the feature map of one stage as a grid, and its pooled vector (the paper's CNN
+ablation).
+
+Default: the last stage (7x7x2048 for ResNet-50 at 224 px) and its global average. `layer`
+picks an earlier stage by its timm name (layer3 = C4, the stage bottom-up attention pools its
+regions from); the stages after it are dropped from the model. `pool="max"` stores the spatial
+maximum instead of the mean.
+"""
 
 from __future__ import annotations
 
@@ -12,41 +18,63 @@ from vlpipe.extract.vit import build_timm
 
 DEFAULT_ARCH = "resnet50"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+POOLS = ("avg", "max")
 
 
 class ResNetExtractor(Extractor):
     backbone = "resnet"
     kind = "grid"
 
-    def __init__(self, model, weights, model_record, transform: ImageTransform, grid: bool):
+    def __init__(
+        self,
+        model,
+        weights,
+        model_record,
+        transform: ImageTransform,
+        grid: bool,
+        layer: str,
+        pool: str,
+    ):
         super().__init__(model, weights, model_record)
         self.transform = transform
         self.grid = grid
-        self.grid_hw = _grid_hw(model, transform.size)
+        self.layer, self.pool = layer, pool
+        stages = [info["module"] for info in model.feature_info]
+        self.stage = stages.index(layer)
+        self.last = self.stage == len(stages) - 1
+        self.dim = model.feature_info[self.stage]["num_chs"]
+        if not self.last:  # the later stages never run: drop them
+            model.prune_intermediate_layers([self.stage], prune_head=True)
+        self.grid_hw = tuple(self.feature_map(torch.zeros(1, 3, *transform.size)).shape[2:])
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """B,3,H,W normalised -> B,C,h,w, the output of the chosen stage."""
+        if self.last:
+            return self.model.forward_features(images)
+        (fmap,) = self.model.forward_intermediates(
+            images, indices=[self.stage], intermediates_only=True
+        )
+        return fmap
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        dim = self.model.num_features
-        out = {"image_cls": (dim,), "image_hw": (2,)}
+        out = {"image_cls": (self.dim,), "image_hw": (2,)}
         if self.grid:
-            out["image_feats"] = (self.grid_hw[0] * self.grid_hw[1], dim)
+            out["image_feats"] = (self.grid_hw[0] * self.grid_hw[1], self.dim)
         return out
 
     def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels: B,3,H,W uint8 -> image_cls B,C (GAP) and image_feats B,h*w,C."""
-        fmap = self.model.forward_features(self.transform.normalize(pixels))  # B,C,h,w
-        out = {"image_cls": fmap.mean(dim=(2, 3))}
+        """pixels: B,3,H,W uint8 -> image_cls B,C (pooled) and image_feats B,h*w,C."""
+        fmap = self.feature_map(self.transform.normalize(pixels))
+        pooled = fmap.mean(dim=(2, 3)) if self.pool == "avg" else fmap.amax(dim=(2, 3))
+        out = {"image_cls": pooled}
         if self.grid:
             out["image_feats"] = fmap.flatten(2).transpose(1, 2)
         return out
 
     def preprocessing(self) -> dict[str, Any]:
-        return dict(self.transform.record(), grid=list(self.grid_hw))
-
-
-def _grid_hw(model: torch.nn.Module, size: tuple[int, int]) -> tuple[int, int]:
-    with torch.no_grad():
-        fmap = model.forward_features(torch.zeros(1, 3, *size))
-    return int(fmap.shape[2]), int(fmap.shape[3])
+        return dict(
+            self.transform.record(), grid=list(self.grid_hw), layer=self.layer, pool=self.pool
+        )
 
 
 def build_resnet(
@@ -56,9 +84,18 @@ def build_resnet(
     image_size: int | None,
     model_kwargs: dict[str, Any],
     patches: bool = True,
+    layer: str | None = None,
+    pool: str | None = None,
     **_,
 ) -> ResNetExtractor:
     model, record = build_timm(arch or DEFAULT_ARCH, weights, None, model_kwargs)
+    stages = [info["module"] for info in model.feature_info]
+    layer = layer or stages[-1]
+    if layer not in stages:
+        raise ValueError(f"--layer {layer!r}: {record['arch']} has stages {', '.join(stages)}")
+    pool = pool or "avg"
+    if pool not in POOLS:
+        raise ValueError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
     cfg = model.pretrained_cfg or {}
     side = image_size or 224
     transform = ImageTransform(
@@ -67,4 +104,4 @@ def build_resnet(
         std=tuple(cfg.get("std", IMAGENET_STD)),
         interpolation=cfg.get("interpolation", "bilinear"),
     )
-    return ResNetExtractor(model, weights, record, transform, patches)
+    return ResNetExtractor(model, weights, record, transform, patches, layer, pool)

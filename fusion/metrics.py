@@ -162,16 +162,9 @@ def vqa_evaluate(
     preds = {str(qid): ans for qid, ans in predictions.items()}
     gts = {str(qid): list(anss) for qid, anss in answers.items()}
     _require_same_ids(preds, gts, what="question")
-    types = {str(qid): t for qid, t in answer_types.items()} if answer_types is not None else None
-    if types is not None:
-        _require_covered(types, gts, what="answer type")
-
     # Iterate in ground-truth order, as the official code iterates over the annotation file.
     accs = {qid: vqa_accuracy(preds[qid], gt) for qid, gt in gts.items()}
-    by_type: dict[str, list[float]] = {}
-    if types is not None:
-        for qid, acc in accs.items():
-            by_type.setdefault(types[qid], []).append(acc)
+    by_type = _group_by_type(accs, answer_types) if answer_types is not None else {}
     return {
         "overall": _percent_rounded(list(accs.values())),
         "perAnswerType": {t: _percent_rounded(v) for t, v in by_type.items()},
@@ -187,17 +180,26 @@ def _percent_rounded(accs: list[float]) -> float:
 # --------------------------------------------------------------------------------------------
 # GQA
 # --------------------------------------------------------------------------------------------
-def gqa_evaluate(predictions: Mapping[str, str], answers: Mapping[str, str]) -> dict:
+def gqa_evaluate(
+    predictions: Mapping[str, str],
+    answers: Mapping[str, str],
+    answer_types: Mapping[str, str] | None = None,
+) -> dict:
     """GQA accuracy: exact, case-sensitive string match, in percent (not rounded).
 
     As in the official eval.py, every question in `answers` needs a prediction and extra
-    predictions are ignored; no normalisation is applied to either side.
+    predictions are ignored; no normalisation is applied to either side. With `answer_types`
+    the result also holds "perAnswerType" {type: percent} (easy-VQA: yes/no, color, shape).
     """
     preds = {str(qid): ans for qid, ans in predictions.items()}
     gold = {str(qid): ans for qid, ans in answers.items()}
     _require_covered(preds, gold, what="prediction")
-    scores = [1.0 if preds[qid] == ans else 0.0 for qid, ans in gold.items()]
-    return {"accuracy": _percent(scores), "n": len(scores)}
+    scores = {qid: 1.0 if preds[qid] == ans else 0.0 for qid, ans in gold.items()}
+    out = {"accuracy": _percent(list(scores.values())), "n": len(scores)}
+    if answer_types is not None:
+        by_type = _group_by_type(scores, answer_types)
+        out["perAnswerType"] = {t: _percent(v) for t, v in by_type.items()}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,6 +264,16 @@ def _some_ids(ids: Iterable[str]) -> str:
     ids = sorted(ids)
     more = ", ..." if len(ids) > _MAX_IDS_IN_ERROR else ""
     return f"{len(ids)} id(s): {', '.join(ids[:_MAX_IDS_IN_ERROR])}{more}"
+
+
+def _group_by_type(scores: Mapping[str, float], types: Mapping) -> dict[str, list[float]]:
+    """{type: [score, ...]} in the order of `scores`; every scored id needs a type."""
+    types = {str(qid): t for qid, t in types.items()}
+    _require_covered(types, scores, what="answer type")
+    by_type: dict[str, list[float]] = {}
+    for qid, score in scores.items():
+        by_type.setdefault(types[qid], []).append(score)
+    return by_type
 
 
 def _require_covered(have: Mapping, need: Mapping, what: str) -> None:

@@ -3,7 +3,7 @@
 vqa       BCE on soft scores (1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1.0), VQA accuracy
 gqa       softmax cross-entropy over the answer vocab, exact-match accuracy
 nlvr2     two images per statement, 2-way cross-entropy, accuracy + consistency
-easy-vqa  13-way cross-entropy, accuracy
+easy-vqa  13-way cross-entropy, accuracy overall and per answer type (yes/no, color, shape)
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class Task:
             )
         if self.name == "nlvr2":
             return metrics.nlvr2_evaluate(preds, {r.key: r.answers[0] for r in recs})
-        return metrics.gqa_evaluate(preds, {r.key: r.answers[0] for r in recs})
+        types = {r.key: r.extra["answer_type"] for r in recs if "answer_type" in r.extra}
+        return metrics.gqa_evaluate(
+            preds, {r.key: r.answers[0] for r in recs}, types if len(types) == len(recs) else None
+        )
 
     def write_predictions(self, path: Path, preds: dict[str, str]) -> Path:
         writer = {

@@ -104,12 +104,21 @@ def extract(
     allow_pickle: bool = typer.Option(
         False, help="frcnn: allow reading a .pkl checkpoint (unpickling runs code from the file)"
     ),
+    layer: str = typer.Option(
+        None, help="resnet: stage whose output is cached, e.g. layer3 (C4); default the last"
+    ),
+    pool: str = typer.Option(None, help="resnet: pooled image vector, avg (default) | max"),
     impl: str = typer.Option(None, help="frcnn: native (default) | detectron2"),
     config: Path = typer.Option(None, help="frcnn --impl detectron2: the detectron2 yaml config"),
 ) -> None:
     """Run a frozen encoder over a dataset and cache its features."""
     from vlpipe.extract.runner import RunOptions
-    from vlpipe.pipelines.extract_job import ExtractRequest, FrcnnOptions, run_extract
+    from vlpipe.pipelines.extract_job import (
+        ExtractRequest,
+        FrcnnOptions,
+        ResnetOptions,
+        run_extract,
+    )
 
     req = ExtractRequest(
         backbone,
@@ -136,6 +145,7 @@ def extract(
             impl,
             str(config) if config else None,
         ),
+        ResnetOptions(layer, pool),
     )
     opts = RunOptions(
         batch_size,

@@ -120,8 +120,9 @@ def run_demo(opts: DemoOptions) -> dict:
         progress=opts.progress,
     )
     results = run_train(req)
+    per_type = ", ".join(f"{t} {acc:.1f}%" for t, acc in results.get("perAnswerType", {}).items())
     print(
         f"[3/3] evaluate: easy-VQA test accuracy {results['accuracy']:.2f}% "
-        f"({results['n']} questions; a CNN+LSTM trained end to end reports 87.6%)"
+        f"({results['n']} questions; {per_type}; a CNN+LSTM trained end to end reports 87.6%)"
     )
     return results

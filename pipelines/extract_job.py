@@ -34,6 +34,17 @@ class FrcnnOptions:
 
 
 @dataclass
+class ResnetOptions:
+    """Options of `--backbone resnet` only (None: the last stage, global average pooling)."""
+
+    layer: str | None = None
+    pool: str | None = None
+
+    def given(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class ExtractRequest:
     backbone: str
     dataset: str
@@ -50,6 +61,7 @@ class ExtractRequest:
     vocab: str | None = None
     cls_only: bool = False
     frcnn: FrcnnOptions = field(default_factory=FrcnnOptions)
+    resnet: ResnetOptions = field(default_factory=ResnetOptions)
 
 
 def build_from_request(req: ExtractRequest, seed: int = 0):
@@ -62,10 +74,11 @@ def build_from_request(req: ExtractRequest, seed: int = 0):
         kwargs = json.loads(req.model_kwargs)
     except json.JSONDecodeError as err:
         raise ValueError(f"--model-kwargs is not JSON: {err}") from err
-    frcnn = req.frcnn.given()
-    if frcnn and req.backbone != "frcnn":
-        flags = ", ".join("--" + k.replace("_", "-") for k in frcnn)
-        raise ValueError(f"{flags}: only for --backbone frcnn, not {req.backbone!r}")
+    specific = {"frcnn": req.frcnn.given(), "resnet": req.resnet.given()}
+    for backbone, options in specific.items():
+        if options and req.backbone != backbone:
+            flags = ", ".join("--" + k.replace("_", "-") for k in options)
+            raise ValueError(f"{flags}: only for --backbone {backbone}, not {req.backbone!r}")
     torch.manual_seed(seed)  # random-init weights are a function of the seed
     extractor = build_extractor(
         req.backbone,
@@ -76,7 +89,7 @@ def build_from_request(req: ExtractRequest, seed: int = 0):
         model_kwargs=kwargs,
         vocab=req.vocab,
         patches=not req.cls_only,
-        **frcnn,
+        **specific.get(req.backbone, {}),
     )
     if weights is None:
         warn_random(req.backbone)

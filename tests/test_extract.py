@@ -190,6 +190,48 @@ def test_resnet_grid_and_pooled(image_folder, tmp_path):
     np.testing.assert_allclose(item["image_feats"].mean(0), item["image_cls"], rtol=1e-4, atol=1e-5)
 
 
+def test_resnet_earlier_stage_max_pooled(image_folder, tmp_path):
+    args = ["extract", "--backbone", "resnet", "--dataset", "folder", "--root", image_folder]
+    args += ["--weights", "random", "--arch", "resnet18", "--image-size", 64, "--num-workers", 0]
+    args += ["--no-progress", "--dtype", "float32"]
+    vlpipe(*args, "--out", tmp_path / "r.h5", "--layer", "layer2", "--pool", "max")
+    cache = FeatureCache(tmp_path / "r.h5")
+    item = cache["b/img0"]
+    assert item["image_feats"].shape == (64, 128)  # stride 8 at 64 px, 128 channels
+    np.testing.assert_array_equal(item["image_feats"].max(0), item["image_cls"])
+    pre = cache.provenance["preprocessing"]
+    assert (pre["layer"], pre["pool"], pre["grid"]) == ("layer2", "max", [8, 8])
+
+    import timm
+
+    from vlpipe.extract.images import load_image
+
+    torch.manual_seed(0)  # the extractor's random init under its default --seed 0
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    assert pre["interpolation"] == "bicubic"  # timm resnet18 default config
+    img = load_image(image_folder / "b/img0.png").resize((64, 64), 3)  # 3 = bicubic
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    with torch.inference_mode():
+        expect = model.layer2(
+            model.layer1(
+                model.maxpool(
+                    model.act1(
+                        model.bn1(model.conv1((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
+                    )
+                )
+            )
+        )
+    np.testing.assert_allclose(item["image_feats"], expect[0].flatten(1).T.numpy(), atol=1e-4)
+
+    err = vlpipe(*args, "--out", tmp_path / "x.h5", "--layer", "layer9", code=1).output
+    assert "--layer 'layer9': resnet18 has stages act1, layer1, layer2, layer3, layer4" in err
+    vit = ["extract", "--backbone", "vit", "--dataset", "folder", "--root", image_folder]
+    vit += ["--weights", "random"]
+    err = vlpipe(*vit, "--out", tmp_path / "y.h5", "--pool", "max", code=1).output
+    assert "--pool: only for --backbone resnet, not 'vit'" in err
+
+
 def test_bert_easy_vqa_with_real_minilm(minilm_dir, tmp_path):
     vlpipe(
         "extract",

@@ -468,6 +468,12 @@ def test_easy_vqa_questions() -> None:
     assert keys(read_easy_vqa("test", limit=2)) == ["test/q0", "test/q1"]
     with pytest.raises(ValueError, match="val"):
         read_easy_vqa("val")
+    by_type = {}
+    for r in test:
+        by_type.setdefault(r.extra["answer_type"], set()).add(r.answers[0])
+    assert by_type["yes/no"] == {"yes", "no"}
+    assert by_type["shape"] == {"circle", "rectangle", "triangle"}
+    assert len(by_type["color"]) == 8 and set(by_type) == {"yes/no", "shape", "color"}
 
 
 # ---------------------------------------------------------------- registry

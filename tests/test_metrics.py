@@ -150,6 +150,20 @@ def test_gqa_exact_match() -> None:
         gqa_evaluate({"a": "yes", "b": "x", "d": "2"}, answers)
 
 
+def test_gqa_accuracy_per_answer_type() -> None:
+    answers = {"a": "yes", "b": "red", "c": "no", "d": "circle"}
+    preds = {"a": "yes", "b": "blue", "c": "yes", "d": "circle"}
+    types = {"a": "yes/no", "b": "color", "c": "yes/no", "d": "shape"}
+    result = gqa_evaluate(preds, answers, types)
+    assert result == {
+        "accuracy": 50.0,
+        "n": 4,
+        "perAnswerType": {"yes/no": 50.0, "color": 0.0, "shape": 100.0},
+    }
+    with pytest.raises(ValueError, match="missing answer type.*d"):
+        gqa_evaluate(preds, answers, {k: v for k, v in types.items() if k != "d"})
+
+
 # --------------------------------------------------------------------------------------------
 # NLVR2
 # --------------------------------------------------------------------------------------------
