@@ -167,6 +167,19 @@ def extract_images(
     opts: RunOptions,
     dataset: dict[str, Any],
 ) -> Summary:
+    with _run(extractor, records, out, opts, dataset) as (device, writer, pending, summary):
+        bar = _progress(len(pending), opts, "images")
+        for batch in _batches(pending, extractor.transform, opts, device):
+            _write_image_batch(extractor, batch, writer, device, opts, summary)
+            bar.update(len(batch))
+        bar.close()
+    return summary
+
+
+@contextlib.contextmanager
+def _run(extractor: Extractor, records: Sequence, out: str, opts: RunOptions, dataset: dict):
+    """Put the model on its device and open the writer; yields (device, writer, the records not
+    yet cached, summary), and times the run into the summary."""
     device = resolve_device(opts.device)
     extractor.to(device)
     summary = Summary(out=str(out), total=len(records))
@@ -174,13 +187,8 @@ def extract_images(
     with _open_writer(extractor, out, opts, dataset) as writer:
         pending = [r for r in records if r.key not in writer.done]
         summary.skipped = len(records) - len(pending)
-        bar = _progress(len(pending), opts, "images")
-        for batch in _batches(pending, extractor.transform, opts, device):
-            _write_image_batch(extractor, batch, writer, device, opts, summary)
-            bar.update(len(batch))
-        bar.close()
+        yield device, writer, pending, summary
     summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def _write_image_batch(extractor, batch, writer, device, opts, summary) -> None:
@@ -224,13 +232,7 @@ def extract_texts(
     opts: RunOptions,
     dataset: dict[str, Any],
 ) -> Summary:
-    device = resolve_device(opts.device)
-    extractor.to(device)
-    summary = Summary(out=str(out), total=len(records))
-    start = time.perf_counter()
-    with _open_writer(extractor, out, opts, dataset) as writer:
-        pending = [r for r in records if r.key not in writer.done]
-        summary.skipped = len(records) - len(pending)
+    with _run(extractor, records, out, opts, dataset) as (device, writer, pending, summary):
         uniques, aliases = unique_texts(pending)
         followers: dict[str, dict[str, str]] = {}
         for alias, target in aliases.items():
@@ -243,7 +245,6 @@ def extract_texts(
             summary.written += len(chunk) + len(mine)
             bar.update(len(chunk))
         bar.close()
-    summary.seconds = time.perf_counter() - start
     return summary
 
 

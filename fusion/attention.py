@@ -65,10 +65,38 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - keep) * torch.finfo(dtype).min
 
 
-def freeze_unused_tail(last_layer: LxmertXLayer) -> None:
-    """Freeze what the pooled text output never reaches: in the last cross layer the visual
-    self-attention and feed-forward only feed the visual output. Left trainable they would get
-    no gradient at all (DistributedDataParallel then fails without find_unused_parameters); they
-    stay in the state dict, so checkpoints load and save unchanged."""
+class LanguageTailXLayer(LxmertXLayer):
+    """The last cross-modality layer when only its language output is read (the pooled output
+    of LXMERT and of the cross model): language cross-attention, self-attention and feed-forward
+    as in `LxmertXLayer`; the visual stream is passed through unchanged instead of computed.
+
+    Only assigned to existing instances by `language_only_tail`."""
+
+    def forward(
+        self,
+        lang_feats,
+        lang_attention_mask,
+        visual_feats,
+        visual_attention_mask,
+        output_attentions=False,
+    ):
+        att = self.visual_attention(
+            lang_feats,
+            visual_feats,
+            ctx_att_mask=visual_attention_mask,
+            output_attentions=output_attentions,
+        )
+        lang = self.lang_self_att(att[0], lang_attention_mask, output_attentions=False)[0]
+        lang = self.lang_output(self.lang_inter(lang), lang)
+        return (lang, visual_feats, att[1]) if output_attentions else (lang, visual_feats)
+
+
+def language_only_tail(last_layer: LxmertXLayer) -> None:
+    """Skip and freeze what the pooled text output never reaches: in the last cross layer the
+    visual cross-attention, self-attention and feed-forward only feed the visual output. Skipping
+    them saves their forward and backward; freezing them keeps DistributedDataParallel from
+    waiting for gradients that never come. They stay in the state dict, so checkpoints load and
+    save unchanged (the cross-attention weights are shared with the language direction)."""
+    last_layer.__class__ = LanguageTailXLayer
     for part in (last_layer.visn_self_att, last_layer.visn_inter, last_layer.visn_output):
         part.requires_grad_(False)

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LxmertConfig
 from transformers.models.lxmert.modeling_lxmert import LxmertVisualFeatureEncoder, LxmertXLayer
 
-from vlpipe.fusion.attention import additive_mask, freeze_unused_tail, use_sdpa
+from vlpipe.fusion.attention import additive_mask, language_only_tail, use_sdpa
 
 
 @dataclass
@@ -63,7 +63,7 @@ class CrossFusion(nn.Module):
         self.pooler = nn.Linear(config.hidden, config.hidden)
         self.apply(self._init_weights)
         use_sdpa(self)
-        freeze_unused_tail(self.layers[-1])
+        language_only_tail(self.layers[-1])
 
     def _init_weights(self, module: nn.Module) -> None:
         # The layers are built outside a PreTrainedModel, so give them BERT's init ourselves.

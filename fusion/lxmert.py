@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import LxmertConfig, LxmertModel
 
-from vlpipe.fusion.attention import freeze_unused_tail, use_sdpa
+from vlpipe.fusion.attention import language_only_tail, use_sdpa
 from vlpipe.weights import WeightsError, read_state_dict
 
 
@@ -68,8 +68,8 @@ class LxmertFusionConfig:
 class LxmertFusion(nn.Module):
     """LXMERT over token ids and region features; returns the pooled output (B, hidden).
 
-    The last cross layer's visual self-attention and feed-forward cannot reach the pooled
-    output, so they are frozen (see `attention.freeze_unused_tail`); they still load and save."""
+    The last cross layer's visual stream cannot reach the pooled output, so it is neither
+    computed nor trained (see `attention.language_only_tail`); its weights still load and save."""
 
     needs = ("text_ids", "text_mask", "image_feats", "image_boxes", "image_mask")
 
@@ -79,7 +79,7 @@ class LxmertFusion(nn.Module):
         self.output_dim = config.hidden
         self.lxmert = LxmertModel(config.to_transformers())
         use_sdpa(self.lxmert)
-        freeze_unused_tail(self.lxmert.encoder.x_layers[-1])
+        language_only_tail(self.lxmert.encoder.x_layers[-1])
 
     def forward(
         self,

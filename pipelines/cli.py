@@ -462,17 +462,20 @@ def predict(
 def demo(
     workdir: Path = typer.Option(Path("vlpipe-demo"), help="where caches and the run go"),
     fusion: str = typer.Option("concat", help="concat | lxmert | cross"),
-    epochs: int = typer.Option(3),
+    epochs: int = typer.Option(5),
     vision_weights: str = typer.Option(
         None, help="local timm ViT checkpoint (default: none can be downloaded, so random-init)"
     ),
-    vision_arch: str = typer.Option("vit_tiny_patch16_224"),
-    image_size: int = typer.Option(64, help="easy-VQA images are 64x64"),
+    vision: str = typer.Option(
+        "vit", help="vit | resnet (random ResNet-18, max-pooled layer2: carries shape)"
+    ),
+    vision_arch: str = typer.Option(None, help="default vit_tiny_patch16_224 / resnet18"),
+    image_size: int = typer.Option(None, help="default 64 (ViT) / 128 (ResNet)"),
     text_weights: str = typer.Option(None, help="BERT folder (default: the MiniLM package)"),
     device: str = typer.Option("auto"),
     progress: bool = typer.Option(True),
 ) -> None:
-    """easy-VQA end to end: extract ViT + MiniLM BERT -> train -> test accuracy."""
+    """easy-VQA end to end: extract ViT (or ResNet) + MiniLM BERT -> train -> test accuracy."""
     from vlpipe.pipelines.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
@@ -485,6 +488,7 @@ def demo(
         epochs,
         device=device,
         progress=progress,
+        vision=vision,
     )
     try:
         run_demo(opts)

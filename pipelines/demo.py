@@ -11,30 +11,47 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpipe.extract.runner import RunOptions
-from vlpipe.pipelines.extract_job import ExtractRequest, run_extract
+from vlpipe.pipelines.extract_job import ExtractRequest, ResnetOptions, run_extract
 from vlpipe.pipelines.train_job import DataSpec, TrainRequest, run_train
 
 NO_WEIGHTS_NOTE = """\
-note: no pretrained vision weights can be downloaded here, so the demo's ViT is RANDOM-INIT
+note: no pretrained vision weights can be downloaded here, so the demo's {vision} is RANDOM-INIT
       ({arch} at {size}px). For the paper's setting pass a local timm checkpoint:
       vlpipe demo --vision-weights vit_b16.safetensors \\
                   --vision-arch vit_base_patch16_224 --image-size 224
 """
+
+# Per vision backbone: the demo's model and input size, and for ResNet the stage and pooling.
+# Random-init ViT features carry colour but hardly shape; the max-pooled second stage of a
+# random ResNet-18 at 128 px carries both (measured: see README, "What the demo gives").
+VISION = {
+    "vit": {"arch": "vit_tiny_patch16_224", "image_size": 64},
+    "resnet": {"arch": "resnet18", "image_size": 128, "layer": "layer2", "pool": "max"},
+}
 
 
 @dataclass
 class DemoOptions:
     workdir: Path = Path("vlpipe-demo")
     vision_weights: str | None = None
-    vision_arch: str = "vit_tiny_patch16_224"
-    image_size: int = 64
+    vision_arch: str | None = None  # None: VISION[vision]
+    image_size: int | None = None
     text_weights: str | None = None
     fusion: str = "concat"
-    epochs: int = 3
+    epochs: int = 5
     batch_size: int = 128
     num_workers: int = 2
     device: str = "auto"
     progress: bool = True
+    vision: str = "vit"  # vit | resnet
+
+    def vision_settings(self) -> dict:
+        if self.vision not in VISION:
+            raise ValueError(f"--vision {self.vision!r}: expected one of {', '.join(VISION)}")
+        settings = dict(VISION[self.vision])
+        settings["arch"] = self.vision_arch or settings["arch"]
+        settings["image_size"] = self.image_size or settings["image_size"]
+        return settings
 
 
 def _minilm() -> str:
@@ -74,16 +91,19 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     paths: dict[str, dict[str, Path]] = {}
     cls_only = opts.fusion == "concat"  # the concat model reads CLS vectors only
     tag = "_cls" if cls_only else ""  # token caches and CLS caches live side by side
+    vision = opts.vision_settings()
+    resnet = ResnetOptions(vision.get("layer"), vision.get("pool"))
     for split in ("train", "test"):
-        vit = ExtractRequest(
-            "vit",
+        image = ExtractRequest(
+            opts.vision,
             "easy-vqa",
-            work / f"{split}_vit{tag}.h5",
+            work / f"{split}_{opts.vision}{tag}.h5",
             split=split,
             weights=opts.vision_weights or "random",
-            arch=opts.vision_arch,
-            image_size=opts.image_size,
+            arch=vision["arch"],
+            image_size=vision["image_size"],
             cls_only=cls_only,
+            resnet=resnet,
         )
         bert = ExtractRequest(
             "bert",
@@ -93,14 +113,17 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
             weights=text_weights,
             cls_only=cls_only,
         )
-        paths[split] = {"image": _extract(vit, opts), "text": _extract(bert, opts)}
+        paths[split] = {"image": _extract(image, opts), "text": _extract(bert, opts)}
     return paths
 
 
 def run_demo(opts: DemoOptions) -> dict:
+    vision = opts.vision_settings()
+    name = {"vit": "ViT", "resnet": "ResNet"}[opts.vision]
     if opts.vision_weights is None:
-        print(NO_WEIGHTS_NOTE.format(arch=opts.vision_arch, size=opts.image_size), file=sys.stderr)
-    print("[1/3] extract: ViT over easy-VQA images, MiniLM BERT over the questions", flush=True)
+        note = NO_WEIGHTS_NOTE.format(vision=name, arch=vision["arch"], size=vision["image_size"])
+        print(note, file=sys.stderr)
+    print(f"[1/3] extract: {name} over easy-VQA images, MiniLM BERT over the questions", flush=True)
     paths = extract_all(opts)
     print(f"[2/3] train: {opts.fusion} fusion from the caches, {opts.epochs} epochs", flush=True)
     train = DataSpec("easy-vqa", [paths["train"]["image"]], [paths["train"]["text"]], split="train")

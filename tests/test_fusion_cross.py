@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 from torch import nn
-from transformers.models.lxmert.modeling_lxmert import LxmertAttention
+from transformers.models.lxmert.modeling_lxmert import LxmertAttention, LxmertXLayer
 
 from tests.fusion_fixtures import assert_fits_one_batch
-from vlpipe.fusion.attention import SdpaLxmertAttention
+from vlpipe.fusion.attention import LanguageTailXLayer, SdpaLxmertAttention
 from vlpipe.fusion.cross import CrossFusion, CrossFusionConfig
 
 TINY = dict(layers=2, hidden=32, heads=2, intermediate=64, text_dim=24, visual_feat_dim=16)
@@ -95,6 +95,8 @@ def test_sdpa_equals_transformers_attention():
     for module in stock.modules():
         if isinstance(module, SdpaLxmertAttention):
             module.__class__ = LxmertAttention  # back to transformers' matmul + softmax
+        if isinstance(module, LanguageTailXLayer):
+            module.__class__ = LxmertXLayer  # computes the visual stream too
     batch = make_batch()
     torch.testing.assert_close(
         pooled_of(model, batch), pooled_of(stock, batch), atol=1e-5, rtol=1e-5
