@@ -65,6 +65,11 @@ def vqa_setup(tmp_path):
     return tmp_path, qfile, afile
 
 
+def caches(folder):
+    """The image and text cache arguments of train / evaluate / predict."""
+    return ["--features", folder / "img.h5", "--text-features", folder / "txt.h5"]
+
+
 def _rekey(path, fn):
     import h5py
 
@@ -82,10 +87,7 @@ def test_train_evaluate_predict_vqa(vqa_setup):
     run = tmp_path / "run"
     vlpipe(
         "train",
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
+        *caches(tmp_path),
         "--task",
         "vqa",
         "--fusion",
@@ -114,10 +116,7 @@ def test_train_evaluate_predict_vqa(vqa_setup):
         "evaluate",
         "--run",
         run,
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
+        *caches(tmp_path),
         "--annotations",
         qfile,
         "--annotations",
@@ -130,10 +129,7 @@ def test_train_evaluate_predict_vqa(vqa_setup):
         "predict",
         "--run",
         run,
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
+        *caches(tmp_path),
         "--annotations",
         qfile,
         "--out",
@@ -148,10 +144,7 @@ def test_train_refuses_annotations_the_cache_lacks(vqa_setup):
     _rekey(tmp_path / "img.h5", lambda k: "x" + k)
     result = vlpipe(
         "train",
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
+        *caches(tmp_path),
         "--task",
         "vqa",
         "--annotations",
@@ -183,10 +176,7 @@ def test_nlvr2_predictions_csv(tmp_path):
     run = tmp_path / "run"
     vlpipe(
         "train",
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
+        *caches(tmp_path),
         "--task",
         "nlvr2",
         "--annotations",
@@ -201,10 +191,7 @@ def test_nlvr2_predictions_csv(tmp_path):
         "predict",
         "--run",
         run,
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
+        *caches(tmp_path),
         "--annotations",
         tmp_path / "dev.json",
     )
@@ -216,10 +203,7 @@ def test_nlvr2_predictions_csv(tmp_path):
             "evaluate",
             "--run",
             run,
-            "--features",
-            tmp_path / "img.h5",
-            "--text-features",
-            tmp_path / "txt.h5",
+            *caches(tmp_path),
             "--annotations",
             tmp_path / "dev.json",
             "--json",
