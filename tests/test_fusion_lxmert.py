@@ -121,6 +121,16 @@ def test_every_trainable_parameter_gets_a_finite_gradient():
     assert frozen and all(n.startswith(tuple(tail + d for d in DEAD_TAIL)) for n in frozen)
 
 
+def test_last_cross_layer_skips_its_visual_stream():
+    model = LxmertFusion(tiny(x_layers=2)).eval()
+    calls = []
+    for i, layer in enumerate(model.lxmert.encoder.x_layers):
+        for part in ("visn_self_att", "visn_inter", "visn_output"):
+            getattr(layer, part).register_forward_hook(lambda *_, i=i, p=part: calls.append((i, p)))
+    model(**make_batch())
+    assert calls == [(0, "visn_self_att"), (0, "visn_inter"), (0, "visn_output")]
+
+
 def test_masked_regions_and_padded_tokens_do_not_change_the_output():
     model = LxmertFusion(tiny())
     batch = make_batch()
