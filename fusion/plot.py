@@ -9,11 +9,12 @@ from PIL import Image, ImageDraw
 PANEL_W, PANEL_H, MARGIN = 480, 240, 48
 
 
-def line_plots(path: Path, xs: list[float], series: dict[str, list[float]]) -> Path:
-    """One panel per series, stacked vertically, with min/max labels on both axes."""
+def line_plots(path: Path, series: dict[str, tuple[list[float], list[float]]]) -> Path:
+    """One panel per series {name: (xs, ys)}, stacked vertically, with min/max labels on both
+    axes; a series of a few points (validation after each epoch) is drawn with markers."""
     img = Image.new("RGB", (PANEL_W, PANEL_H * len(series)), "white")
     draw = ImageDraw.Draw(img)
-    for i, (name, ys) in enumerate(series.items()):
+    for i, (name, (xs, ys)) in enumerate(series.items()):
         _panel(draw, i * PANEL_H, name, xs, ys)
     tmp = path.with_name(path.name + ".tmp")
     img.save(tmp, format="PNG")
@@ -34,6 +35,9 @@ def _panel(draw: ImageDraw.ImageDraw, top: int, name: str, xs, ys) -> None:
     ]
     if len(points) > 1:
         draw.line(points, fill=(31, 119, 180), width=2)
+    if len(points) <= 50:
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
     draw.text((4, y0), f"{hi:.3g}", fill="black")
     draw.text((4, y1 - 10), f"{lo:.3g}", fill="black")
     draw.text((left, y1 + 4), f"step {min(xs):g}", fill="black")

@@ -411,18 +411,30 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def plot_curves(csv_path: Path, png_path: Path) -> None:
-    """Loss and learning rate against step, drawn with PIL (no plotting dependency)."""
+    """Loss and learning rate against step, and the validation metric after each evaluation
+    (from eval_log.jsonl beside the CSV), drawn with PIL (no plotting dependency)."""
     from vlpipe.fusion.plot import line_plots
 
     with open(csv_path) as fh:
         rows = list(csv.DictReader(fh))
-    if rows:
-        steps = [int(r["step"]) for r in rows]
-        line_plots(
-            png_path,
-            steps,
-            {
-                "loss": [float(r["loss"]) for r in rows],
-                "learning rate": [float(r["lr"]) for r in rows],
-            },
-        )
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    series = {
+        "loss": (steps, [float(r["loss"]) for r in rows]),
+        "learning rate": (steps, [float(r["lr"]) for r in rows]),
+    }
+    evals = _read_jsonl(csv_path.parent / "eval_log.jsonl")
+    for metric in ("overall", "accuracy"):  # VQA's name, then GQA / NLVR2 / easy-VQA's
+        points = [(e["step"], e[metric]) for e in evals if metric in e]
+        if points:
+            series[f"validation {metric} (%)"] = ([p[0] for p in points], [p[1] for p in points])
+            break
+    line_plots(png_path, series)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

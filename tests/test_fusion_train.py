@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -185,3 +186,19 @@ def test_checkpoint_round_trip_and_learning(caches, tmp_path):
     loaded.eval()
     torch.testing.assert_close(loaded(batch), model(batch))
     assert loaded_meta["answers"] == VOCAB.answers and loaded_meta["step"] == 15 * 3
+
+
+def test_curves_show_the_validation_metric_when_there_is_one(tmp_path):
+    from PIL import Image
+
+    from vlpipe.fusion.plot import PANEL_H
+    from vlpipe.fusion.train import plot_curves
+
+    rows = [f"{s},0,{1 / s},0.001,50.0" for s in range(1, 21)]
+    (tmp_path / "train_log.csv").write_text("step,epoch,loss,lr,samples_per_s\n" + "\n".join(rows))
+    plot_curves(tmp_path / "train_log.csv", tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").height == 2 * PANEL_H  # loss, learning rate
+    evals = [{"overall": 40.0 + s, "n": 9, "step": s} for s in (10, 20)]
+    (tmp_path / "eval_log.jsonl").write_text("\n".join(json.dumps(e) for e in evals) + "\n")
+    plot_curves(tmp_path / "train_log.csv", tmp_path / "b.png")
+    assert Image.open(tmp_path / "b.png").height == 3 * PANEL_H
