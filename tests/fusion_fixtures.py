@@ -3,6 +3,8 @@ so a model can actually learn them."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,35 @@ def text_cache(path: Path, records: list[TextRecord], length: int = 6) -> None:
     prov = {"backbone": "bert", "weights_sha256": "y", "preprocessing": {}}
     with CacheWriter(path, Schema.build("tokens", shapes, "float32"), prov) as writer:
         writer.add([r.key for r in records], arrays)
+
+
+def gqa_color_task(folder: Path, n_images: int = 12) -> list[str]:
+    """Image and text caches plus a GQA-format question file (two questions per image whose
+    colour the features encode) in `folder`; returns the `vlpipe train` data arguments."""
+    image_cache(folder / "img.h5", n_images)
+    recs = color_records(n_images)
+    text_cache(folder / "txt.h5", recs)
+    questions = {
+        r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
+        for r in recs
+    }
+    (folder / "q.json").write_text(json.dumps(questions))
+    return [
+        "--features",
+        str(folder / "img.h5"),
+        "--text-features",
+        str(folder / "txt.h5"),
+        "--task",
+        "gqa",
+        "--annotations",
+        str(folder / "q.json"),
+    ]
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    """The per-step losses a run wrote to its train_log.csv."""
+    with open(run_dir / "train_log.csv") as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
 
 
 def assert_fits_one_batch(model, batch: dict, steps: int = 15) -> None:

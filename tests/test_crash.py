@@ -3,8 +3,6 @@ a run that was never interrupted."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_VIT_ARGS, write_image
+from tests.fusion_fixtures import gqa_color_task, logged_losses
 from vlpipe.cache import FeatureCache, shard_dir
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -97,39 +96,8 @@ def test_killed_extraction_resumes_to_the_clean_result(folder, clean, tmp_path, 
     assert not list(shard_dir(out).glob("*.tmp"))
 
 
-def _gqa_files(tmp_path: Path) -> list[str]:
-    from tests.fusion_fixtures import color_records, image_cache, text_cache
-
-    image_cache(tmp_path / "img.h5", 12)
-    recs = color_records(12)
-    text_cache(tmp_path / "txt.h5", recs)
-    (tmp_path / "q.json").write_text(
-        json.dumps(
-            {
-                r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
-                for r in recs
-            }
-        )
-    )
-    return [
-        "--features",
-        str(tmp_path / "img.h5"),
-        "--text-features",
-        str(tmp_path / "txt.h5"),
-        "--task",
-        "gqa",
-        "--annotations",
-        str(tmp_path / "q.json"),
-    ]
-
-
-def _losses(run: Path) -> list[float]:
-    with open(run / "train_log.csv") as fh:
-        return [float(r["loss"]) for r in csv.DictReader(fh)]
-
-
 def test_killed_training_resumes_on_the_same_loss_trajectory(tmp_path):
-    data = _gqa_files(tmp_path)
+    data = gqa_color_task(tmp_path)
     base = [
         sys.executable,
         "-m",
@@ -155,8 +123,8 @@ def test_killed_training_resumes_on_the_same_loss_trajectory(tmp_path):
 
     kill_when([*base, "--out", str(run)], past_step_8)
     subprocess.run([*base, "--out", str(run), "--resume"], env=ENV, check=True, capture_output=True)
-    assert _losses(run) == pytest.approx(_losses(tmp_path / "a"), abs=1e-6)
-    assert len(_losses(run)) == 24
+    assert logged_losses(run) == pytest.approx(logged_losses(tmp_path / "a"), abs=1e-6)
+    assert len(logged_losses(run)) == 24
 
 
 def test_write_error_stops_cleanly_and_the_run_resumes(folder, clean, tmp_path):

@@ -3,8 +3,6 @@ batch: same global batches, averaged gradients, rank 0 alone writes."""
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -12,20 +10,13 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from tests.fusion_fixtures import color_records, image_cache, text_cache
+from tests.fusion_fixtures import gqa_color_task, logged_losses
 
 
-def _train_args(tmp_path, out, batch):
+def _train_args(data, out, batch):
     return [
         "train",
-        "--features",
-        tmp_path / "img.h5",
-        "--text-features",
-        tmp_path / "txt.h5",
-        "--task",
-        "gqa",
-        "--annotations",
-        tmp_path / "q.json",
+        *data,
         "--epochs",
         2,
         "--batch-size",
@@ -36,20 +27,6 @@ def _train_args(tmp_path, out, batch):
         out,
         "--no-progress",
     ]
-
-
-@pytest.fixture
-def color_task(tmp_path):
-    """24 GQA-format questions about 12 images whose colour the features encode."""
-    image_cache(tmp_path / "img.h5", 12)
-    recs = color_records(12)
-    text_cache(tmp_path / "txt.h5", recs)
-    questions = {
-        r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
-        for r in recs
-    }
-    (tmp_path / "q.json").write_text(json.dumps(questions))
-    return tmp_path
 
 
 def _run(args, torchrun=False):
@@ -76,20 +53,16 @@ def _run(args, torchrun=False):
     return proc
 
 
-def _losses(run):
-    with open(run / "train_log.csv") as fh:
-        return [float(r["loss"]) for r in csv.DictReader(fh)]
-
-
 def _weights(run):
     return load_file(str(run / (run / "LATEST").read_text() / "model.safetensors"))
 
 
-def test_two_ranks_equal_one_process_with_double_batch(color_task):
-    tmp = color_task
-    _run(_train_args(tmp, tmp / "one", 8))
-    _run(_train_args(tmp, tmp / "two", 4), torchrun=True)
-    one, two = _losses(tmp / "one"), _losses(tmp / "two")
+def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
+    """24 GQA-format questions about 12 images whose colour the features encode."""
+    tmp, data = tmp_path, gqa_color_task(tmp_path)
+    _run(_train_args(data, tmp / "one", 8))
+    _run(_train_args(data, tmp / "two", 4), torchrun=True)
+    one, two = logged_losses(tmp / "one"), logged_losses(tmp / "two")
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
     w1, w2 = _weights(tmp / "one"), _weights(tmp / "two")
