@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.fusion_fixtures import gqa_color_task, logged_losses
+from vlpipe.fusion.checkpoint import latest_checkpoint
 
 
 def _train_args(data, out, batch):
@@ -54,21 +55,21 @@ def _run(args, torchrun=False):
 
 
 def _weights(run):
-    return load_file(str(run / (run / "LATEST").read_text() / "model.safetensors"))
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
 
 
 def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     """24 GQA-format questions about 12 images whose colour the features encode."""
-    tmp, data = tmp_path, gqa_color_task(tmp_path)
-    _run(_train_args(data, tmp / "one", 8))
-    _run(_train_args(data, tmp / "two", 4), torchrun=True)
-    one, two = logged_losses(tmp / "one"), logged_losses(tmp / "two")
+    data = gqa_color_task(tmp_path)
+    _run(_train_args(data, tmp_path / "one", 8))
+    _run(_train_args(data, tmp_path / "two", 4), torchrun=True)
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-5)
-    w1, w2 = _weights(tmp / "one"), _weights(tmp / "two")
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in w1:
         assert (w1[name] - w2[name]).abs().max() < 1e-4, name
-    assert sorted(p.name for p in (tmp / "two").iterdir() if p.name.startswith("ckpt-"))
+    assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("ckpt-"))
 
 
 def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
