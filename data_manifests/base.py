@@ -36,7 +36,9 @@ class TextRecord:
     image_keys: the cache keys of the image(s) it is about (two for NLVR2: img0, img1).
     answers: every human answer as given (VQA: 10; GQA/easy-VQA: 1; NLVR2: ["True"|"False"]).
     label: soft target scores {answer: score} where the source provides them (LXMERT json, VQA).
-    extra: answer_type, question_type, ... kept for per-type metrics.
+    extra: what the official metrics read besides the answers: VQA answer_type,
+    question_type, multiple_choice_answer (and annotators, rarely); GQA the question types,
+    global group, reasoning steps, balanced flag and entailed questions; easy-VQA answer_type.
     """
 
     key: str
@@ -44,7 +46,13 @@ class TextRecord:
     image_keys: tuple[str, ...]
     answers: tuple[str, ...] = ()
     label: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the record can be scored: it has answers or a label, or a label field that
+        is empty (LXMERT json: a question none of whose answers is in the answer table)."""
+        return bool(self.answers or self.label or self.extra.get("labelled"))
 
 
 T = TypeVar("T")

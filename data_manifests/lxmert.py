@@ -6,7 +6,8 @@ A JSON list:
 "label" is absent in test files; "answer_type" / "question_type" exist for VQA only.
 
 Records: key = str(question_id); image_keys = (image_key_from_lxmert_id(img_id),);
-label = the soft scores; answers = the label's answers; extra = the two types when present.
+label = the soft scores; answers = the label's answers; extra = the two types when present,
+and "labelled" when the item has a label (possibly empty: it still counts, scoring 0).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def read_lxmert(path: str | Path, limit: int | None = None) -> list[TextRecord]:
 def _record(item: Any, path: Path, index: int) -> TextRecord:
     where = f"index {index}"
     qid = str(get_field(item, "question_id", (int, str), path, where))
-    label = _label(get_field(item, "label", dict, path, qid, optional=True) or {}, path, qid)
-    extra = {}
+    raw_label = get_field(item, "label", dict, path, qid, optional=True)
+    label = _label(raw_label or {}, path, qid)
+    extra: dict[str, Any] = {"labelled": True} if raw_label is not None else {}
     for name in _EXTRA_FIELDS:
         value = get_field(item, name, str, path, qid, optional=True)
         if value is not None:

@@ -10,7 +10,10 @@ Annotations, v2_mscoco_{train2014,val2014}_annotations.json:
                       "answers": [10 x {"answer": str, "answer_confidence", "answer_id"}]}]}
 
 Records: key = str(question_id); image_keys = (str(image_id),), the `coco` listing's key;
-answers = the 10 human answers as given (not normalised) or () without annotations.
+answers = the 10 human answers as given (not normalised) or () without annotations. With
+annotations, records follow the annotation file's order (the order the official evaluator sums
+in), else the question file's. extra["annotators"] is set only for the rare annotation whose
+answer records are not all distinct apart from their text (see metrics.vqa.VqaQuestion).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class _Annotation(NamedTuple):
 
     image_id: int
     answers: tuple[str, ...]
-    extra: dict[str, str]
+    extra: dict[str, Any]
 
 
 def read_vqa(
@@ -46,7 +49,10 @@ def read_vqa(
     if annotations_path is not None:
         annotations = _read_annotations(Path(annotations_path))
         _check_match(questions, annotations, Path(questions_path), Path(annotations_path))
-    records = [_record(q, annotations.get(qid)) for qid, q in questions.items()]
+    if annotations:
+        records = [_record(questions[qid], ann) for qid, ann in annotations.items()]
+    else:
+        records = [_record(q, None) for q in questions.values()]
     return apply_limit(records, limit)
 
 
@@ -69,8 +75,14 @@ def _read_annotations(path: Path) -> dict[int, _Annotation]:
         record = _record_id(item, index)
         qid = get_field(item, "question_id", int, path, record)
         image_id = get_field(item, "image_id", int, path, record)
-        extra = {name: get_field(item, name, str, path, record) for name in _EXTRA_FIELDS}
-        answers = _answers(get_field(item, "answers", list, path, record), path, record)
+        extra: dict[str, Any] = {
+            name: get_field(item, name, str, path, record) for name in _EXTRA_FIELDS
+        }
+        raw_answers = get_field(item, "answers", list, path, record)
+        answers = _answers(raw_answers, path, record)
+        annotators = _annotators(raw_answers)
+        if annotators is not None:
+            extra["annotators"] = annotators
         _add_unique(by_id, qid, _Annotation(image_id, answers, extra), path)
     return by_id
 
@@ -82,6 +94,21 @@ def _answers(answers: list[Any], path: Path, record: object) -> tuple[str, ...]:
         for answer in answers:
             get_field(answer, "answer", str, path, record)
     return texts
+
+
+def _annotators(answers: list[dict[str, Any]]) -> tuple[int, ...] | None:
+    """None when the answer records are pairwise distinct apart from their text (distinct
+    answer_id, as in the released files); else, per record, the index of the first record equal
+    to it apart from "answer" (vqaEval.py's leave-one-out compares whole records)."""
+    ids = [a.get("answer_id") for a in answers]
+    try:
+        if None not in ids and len(set(ids)) == len(ids):
+            return None
+    except TypeError:  # an unhashable answer_id: compare the records
+        pass
+    rests = [{k: v for k, v in a.items() if k != "answer"} for a in answers]
+    labels = [next(j for j in range(i + 1) if rests[j] == rest) for i, rest in enumerate(rests)]
+    return None if labels == list(range(len(labels))) else tuple(labels)
 
 
 def _top_list(path: Path, name: str) -> list[Any]:

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Mapping
 
+from vlpipe.data_manifests.base import load_json
 from vlpipe.io import write_text_atomic
 
 from .metrics import parse_nlvr2_label
@@ -24,13 +25,17 @@ PathLike = str | os.PathLike
 
 
 def _read_json_list(path: PathLike, keys: tuple[str, str]) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        items = json.load(f)
+    """The entries of a JSON list of {id, answer} objects; the answer must be a string."""
+    items = load_json(path)
     if not isinstance(items, list):
         raise ValueError(f"{path}: expected a JSON list of {{{keys[0]!r}, {keys[1]!r}}} objects")
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not all(k in item for k in keys):
             raise ValueError(f"{path}: entry {i} lacks {keys[0]!r} or {keys[1]!r}: {item!r}")
+        if not isinstance(item[keys[1]], str):
+            raise ValueError(f"{path}: entry {i}: {keys[1]!r} should be a string: {item!r}")
+        if isinstance(item[keys[0]], bool) or not isinstance(item[keys[0]], (int, str)):
+            raise ValueError(f"{path}: entry {i}: {keys[0]!r} should be an id: {item!r}")
     return items
 
 

@@ -1,7 +1,8 @@
 """The four tasks: their targets, losses, predictions, official metrics and submission files.
 
-vqa       BCE on soft scores (1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1.0), VQA accuracy
-gqa       softmax cross-entropy over the answer vocab, exact-match accuracy
+vqa       BCE on soft scores (1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1.0), VQA accuracy (vqaEval.py,
+          2021 or 2016 revision), or LXMERT's label score on its preprocessed json
+gqa       softmax cross-entropy over the answer vocab, the GQA eval.py metrics (or label score)
 nlvr2     two images per statement, 2-way cross-entropy, accuracy + consistency
 easy-vqa  13-way cross-entropy, accuracy overall and per answer type (yes/no, color, shape)
 """
@@ -9,7 +10,7 @@ easy-vqa  13-way cross-entropy, accuracy overall and per answer type (yes/no, co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,38 @@ IGNORE = -100  # target of an example whose answer is outside the vocabulary
 
 
 @dataclass(frozen=True)
+class EvalOptions:
+    """How predictions are scored; set from the evaluation data and the user's choices.
+
+    vqa_revision: the vqaEval.py revision for official VQA annotations (metrics.REVISIONS).
+    label_scores: the annotations are LXMERT's json (soft labels, no human answers): a
+        prediction scores its label, as LXMERT's evaluator computes.
+    gqa_choices: GQA eval.py's choices file, for validity and plausibility.
+    """
+
+    vqa_revision: str = metrics.DEFAULT_REVISION
+    label_scores: bool = False
+    gqa_choices: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.vqa_revision not in metrics.REVISIONS:
+            known = ", ".join(sorted(metrics.REVISIONS))
+            raise ValueError(f"unknown --vqa-eval revision {self.vqa_revision!r}; known: {known}")
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     loss: str  # "bce" (soft scores) | "ce" (one class)
     images_per_example: int = 1
     fixed_answers: tuple[str, ...] | None = None
     min_count: int = 1
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
+
+    @property
+    def headline(self) -> str:
+        """The key of the figure a run is judged by in `evaluate`'s result."""
+        return "overall" if self.name == "vqa" else "accuracy"
 
     def vocab_answer(self, rec: TextRecord) -> str:
         """The one answer per question the vocabulary is counted from."""
@@ -56,18 +83,31 @@ class Task:
         return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
     def evaluate(self, preds: dict[str, str], recs: Sequence[TextRecord]) -> dict:
-        """Official metric of predictions {key: answer string} against the records."""
-        if self.name == "vqa":
-            types = {r.key: r.extra.get("answer_type", "other") for r in recs}
-            return metrics.vqa_evaluate(
-                preds, {r.key: list(r.answers) or _label_answers(r) for r in recs}, types
-            )
+        """Official metric of predictions {key: answer string} against the labelled records,
+        in record order (the annotation file's, which the official evaluators sum in)."""
         if self.name == "nlvr2":
             return metrics.nlvr2_evaluate(preds, {r.key: r.answers[0] for r in recs})
-        types = {r.key: r.extra["answer_type"] for r in recs if "answer_type" in r.extra}
-        return metrics.gqa_evaluate(
-            preds, {r.key: r.answers[0] for r in recs}, types if len(types) == len(recs) else None
-        )
+        if self.evaluation.label_scores and self.name in ("vqa", "gqa"):
+            result = metrics.label_score_evaluate(
+                preds, {r.key: r.label for r in recs}, _types(recs, "answer_type")
+            )
+            return result if self.name == "vqa" else _renamed(result, "overall", "accuracy")
+        if self.name == "vqa":
+            questions = {r.key: _vqa_question(r) for r in recs}
+            return metrics.vqa_evaluate(preds, questions, self.evaluation.vqa_revision)
+        if self.name == "gqa":
+            questions = {r.key: _gqa_question(r) for r in recs}
+            return metrics.gqa_evaluate(preds, questions, self._gqa_choices())
+        answers = {r.key: r.answers[0] for r in recs}
+        return metrics.exact_match_evaluate(preds, answers, _types(recs, "answer_type"))
+
+    def _gqa_choices(self) -> dict[str, metrics.GqaChoices] | None:
+        if self.evaluation.gqa_choices is None:
+            return None
+        from vlpipe.data_manifests.gqa import read_gqa_choices
+
+        table = read_gqa_choices(self.evaluation.gqa_choices)
+        return {qid: metrics.GqaChoices(*sets) for qid, sets in table.items()}
 
     def write_predictions(self, path: Path, preds: dict[str, str]) -> Path:
         writer = {
@@ -85,14 +125,40 @@ class Task:
         return {"nlvr2": "predictions.csv"}.get(self.name, "predictions.json")
 
 
-def _label_answers(rec: TextRecord) -> list[str]:
-    """LXMERT json has no raw answers: rebuild 10 pseudo-annotators from the soft scores, so that
-    an answer with score 0.3/0.6/0.9/1.0 counts as given by 1/2/3/10 annotators."""
-    count = {0.3: 1, 0.6: 2, 0.9: 3}
-    answers: list[str] = []
-    for ans, score in sorted(rec.label.items(), key=lambda kv: -kv[1]):
-        answers += [ans] * count.get(round(score, 1), 10)
-    return (answers + ["<none>"] * 10)[:10]
+def _vqa_question(rec: TextRecord) -> metrics.VqaQuestion:
+    if not rec.answers:
+        raise ValueError(f"question {rec.key} has no human answers to score against")
+    return metrics.VqaQuestion(
+        rec.answers,
+        rec.extra.get("question_type", ""),
+        rec.extra.get("answer_type", ""),
+        rec.extra.get("annotators"),
+    )
+
+
+def _gqa_question(rec: TextRecord) -> metrics.GqaQuestion:
+    x = rec.extra
+    return metrics.GqaQuestion(
+        answer=rec.answers[0],
+        balanced=x.get("balanced", True),
+        structural=x.get("structural"),
+        semantic=x.get("semantic"),
+        detailed=x.get("detailed"),
+        group=x.get("group"),
+        words=len(rec.text.split()),
+        steps=x.get("steps"),
+        entailed=x.get("entailed", ()),
+    )
+
+
+def _types(recs: Sequence[TextRecord], name: str) -> dict[str, str] | None:
+    """{key: type} when every record has the field, else None (no per-type split)."""
+    types = {r.key: r.extra[name] for r in recs if name in r.extra}
+    return types if len(types) == len(recs) else None
+
+
+def _renamed(result: dict, old: str, new: str) -> dict:
+    return {new if k == old else k: v for k, v in result.items()}
 
 
 def _easy_vqa_answers() -> tuple[str, ...]:
@@ -101,15 +167,16 @@ def _easy_vqa_answers() -> tuple[str, ...]:
     return tuple(easy_vqa_answers())
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, evaluation: EvalOptions | None = None) -> Task:
+    evaluation = evaluation or EvalOptions()
     if name == "vqa":
-        return Task("vqa", "bce", min_count=9)
+        return Task("vqa", "bce", min_count=9, evaluation=evaluation)
     if name == "gqa":
-        return Task("gqa", "ce")
+        return Task("gqa", "ce", evaluation=evaluation)
     if name == "nlvr2":
-        return Task("nlvr2", "ce", images_per_example=2, fixed_answers=("False", "True"))
+        return Task("nlvr2", "ce", 2, ("False", "True"), evaluation=evaluation)
     if name == "easy-vqa":
-        return Task("easy-vqa", "ce", fixed_answers=_easy_vqa_answers())
+        return Task("easy-vqa", "ce", fixed_answers=_easy_vqa_answers(), evaluation=evaluation)
     raise ValueError(f"unknown task {name!r}; known: vqa, gqa, nlvr2, easy-vqa")
 
 

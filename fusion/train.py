@@ -399,7 +399,7 @@ def evaluate(
     dist_info: distributed.DistInfo | None = None,
 ) -> tuple[dict, dict]:
     preds = predict(model, task, data, batch_size, device, num_workers, dist_info)
-    labelled = [r for r in data.records if r.answers or r.label]
+    labelled = [r for r in data.records if r.labelled]
     if not labelled:
         return {}, preds
     return task.evaluate({r.key: preds[r.key] for r in labelled}, labelled), preds

@@ -307,10 +307,29 @@ def _json_option(text: str, name: str) -> dict:
     return value
 
 
-def _spec(task, features, text_features, annotations, fmt, split, limit):
+VQA_EVAL_HELP = (
+    "vqaEval.py revision for official VQA annotations: 2021 (current master, default) | 2016 "
+    "(the one behind results published before 2021)"
+)
+CHOICES_HELP = "GQA eval.py choices file ({split}_choices.json): adds validity and plausibility"
+
+
+def _spec(
+    task, features, text_features, annotations, fmt, split, limit, vqa_eval="2021", choices=None
+):
     from vlpipe.pipelines.train_job import DataSpec
 
-    return DataSpec(task, list(features), list(text_features), list(annotations), fmt, split, limit)
+    return DataSpec(
+        task,
+        list(features),
+        list(text_features),
+        list(annotations),
+        fmt,
+        split,
+        limit,
+        vqa_eval,
+        choices,
+    )
 
 
 @app.command()
@@ -349,6 +368,7 @@ def train(
     init_bert: str = typer.Option(None, help="BERT folder for LXMERT's language layers"),
     resume: bool = typer.Option(False, help="continue the run in --out exactly"),
     overwrite: bool = typer.Option(False, help="replace an earlier run in --out"),
+    vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
     progress: bool = typer.Option(True),
 ) -> None:
     """Train a fusion model and task head from cached features."""
@@ -368,7 +388,7 @@ def train(
         }
         overrides.update({k: v for k, v in flags.items() if v is not None})
         train_spec = _spec(
-            task, features, text_features, annotations, annotations_format, split, limit
+            task, features, text_features, annotations, annotations_format, split, limit, vqa_eval
         )
         val_spec = None
         if val_annotations or val_split:
@@ -380,6 +400,7 @@ def train(
                 annotations_format,
                 val_split,
                 None,
+                vqa_eval,
             )
         req = TrainRequest(
             fusion,
@@ -402,10 +423,6 @@ def train(
     typer.echo(f"{out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
 
 
-def _eval_args(run, features, text_features, annotations, annotations_format, split, limit):
-    return run, _spec("", features, text_features, annotations, annotations_format, split, limit)
-
-
 @app.command()
 def evaluate(
     run: Path = typer.Option(..., help="run folder written by `vlpipe train`"),
@@ -415,6 +432,8 @@ def evaluate(
     annotations_format: str = typer.Option(None),
     split: str = typer.Option(None, help="split (easy-vqa: test)"),
     limit: int = typer.Option(None),
+    vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
+    gqa_choices: Path = typer.Option(None, help=CHOICES_HELP),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -422,14 +441,29 @@ def evaluate(
     from vlpipe.pipelines.train_job import run_evaluate
 
     try:
-        results, _ = run_evaluate(
-            *_eval_args(
-                run, features, text_features, annotations, annotations_format, split, limit
-            ),
-            device=device,
+        spec = _spec(
+            "",
+            features,
+            text_features,
+            annotations,
+            annotations_format,
+            split,
+            limit,
+            vqa_eval,
+            gqa_choices,
         )
+        results, _ = run_evaluate(run, spec, device=device)
     except _user_errors() as err:
         _fail(err)
+    _print_results(results, as_json)
+
+
+def _print_results(results: dict, as_json: bool) -> None:
+    """The metrics as JSON, the metric's provenance ("metric") included; a readable summary
+    line first unless --json."""
+    if not as_json and "metric" in results:
+        headline = {k: results[k] for k in ("overall", "accuracy") if k in results}
+        typer.echo(f"{results['metric']}: {json.dumps(headline)}", err=True)
     typer.echo(json.dumps(results, indent=None if as_json else 2))
 
 
@@ -448,14 +482,39 @@ def predict(
     from vlpipe.pipelines.train_job import run_predict
 
     try:
-        path = run_predict(
-            *_eval_args(run, features, text_features, annotations, annotations_format, split, None),
-            out,
-            device=device,
-        )
+        spec = _spec("", features, text_features, annotations, annotations_format, split, None)
+        path = run_predict(run, spec, out, device=device)
     except _user_errors() as err:
         _fail(err)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def score(
+    task: str = typer.Option(..., help="vqa | gqa | nlvr2 | easy-vqa"),
+    predictions: Path = typer.Option(
+        ..., help="VQA results json, GQA predictions json, NLVR2 csv (as `vlpipe predict` writes)"
+    ),
+    annotations: list[Path] = typer.Option(
+        [], help="annotation file(s), e.g. VQA questions.json then annotations.json"
+    ),
+    annotations_format: str = typer.Option(None, help="vqa | gqa | nlvr2 | lxmert | easy-vqa"),
+    split: str = typer.Option(None, help="split (easy-vqa: test)"),
+    vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
+    gqa_choices: Path = typer.Option(None, help=CHOICES_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Score a predictions file with the official metrics (no model, no caches)."""
+    from vlpipe.pipelines.score_job import run_score
+
+    try:
+        spec = _spec(
+            task, [], [], annotations, annotations_format, split, None, vqa_eval, gqa_choices
+        )
+        results = run_score(spec, predictions)
+    except _user_errors() as err:
+        _fail(err)
+    _print_results(results, as_json)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import CacheSet, TaskDataset, build_vocab
 from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
-from vlpipe.fusion.tasks import Task, get_task
+from vlpipe.fusion.tasks import EvalOptions, Task, get_task
 from vlpipe.fusion.train import TrainConfig, evaluate, predict, train
 
 # The papers' fine-tuning settings. LXMERT: lr 5e-5 (GQA 1e-5), batch 32, 4 epochs, clip 5.
@@ -46,12 +46,22 @@ class DataSpec:
     annotations_format: str | None = None
     split: str | None = None
     limit: int | None = None
+    vqa_eval: str = EvalOptions.vqa_revision
+    choices: Path | None = None  # GQA eval.py choices file (validity, plausibility)
+
+    @property
+    def format(self) -> str:
+        return self.annotations_format or DEFAULT_FORMAT[self.task]
 
     def records(self):
         from vlpipe.data_manifests.registry import read_texts
 
-        fmt = self.annotations_format or DEFAULT_FORMAT[self.task]
-        return read_texts(fmt, self.annotations, self.split, self.limit)
+        return read_texts(self.format, self.annotations, self.split, self.limit)
+
+    def evaluation(self) -> EvalOptions:
+        """How this data's predictions are scored: LXMERT json by its labels, official files
+        by the official evaluator (with the chosen vqaEval.py revision)."""
+        return EvalOptions(self.vqa_eval, self.format == "lxmert", self.choices)
 
 
 def _tokenizer(vocab: str | None, texts: CacheSet | None):
@@ -132,7 +142,7 @@ def _check_run_dir(req: TrainRequest) -> None:
 
 def run_train(req: TrainRequest) -> dict[str, Any]:
     _check_run_dir(req)
-    task = get_task(req.train.task)
+    task = get_task(req.train.task, (req.val or req.train).evaluation())
     needs = fusion_needs(req.fusion)
     train_recs = req.train.records()
     val_recs = req.val.records() if req.val else None
@@ -168,6 +178,7 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
             "text": data.texts.provenance if data.texts else None,
         },
         "image_kind": data.images.kind,
+        "evaluation": dataclasses.asdict(task.evaluation),
     }
     req.out.mkdir(parents=True, exist_ok=True)
     return train(
@@ -203,6 +214,7 @@ def run_dataset(run_dir: Path, spec: DataSpec) -> tuple[TaskModel, Task, TaskDat
 
     model, meta, task = load_run(run_dir)
     spec.task = meta["task"]
+    task = dataclasses.replace(task, evaluation=spec.evaluation())
     tokenizer = None
     if "text_ids" in model.needs:
         from vlpipe.tokenizer import bert_tokenizer

@@ -137,6 +137,50 @@ def test_train_evaluate_predict_vqa(vqa_setup):
     )
     sub = json.loads((tmp_path / "sub.json").read_text())
     assert sub[0] == {"question_id": 0, "answer": "red"} and len(sub) == 24
+    # The submission scored without the model gives the figures `evaluate` printed.
+    scored = vlpipe(
+        "score",
+        "--task",
+        "vqa",
+        "--predictions",
+        tmp_path / "sub.json",
+        "--annotations",
+        qfile,
+        "--annotations",
+        afile,
+        "--json",
+    )
+    assert json.loads(scored.output) == scores
+    assert scores["metric"].startswith("vqaEval.py 2021 revision")
+    old = vlpipe(
+        "evaluate",
+        "--run",
+        run,
+        *caches(tmp_path),
+        "--annotations",
+        qfile,
+        "--annotations",
+        afile,
+        "--vqa-eval",
+        "2016",
+        "--json",
+    )
+    assert json.loads(old.output)["metric"].startswith("vqaEval.py 2016 revision")
+    bad = vlpipe(
+        "score",
+        "--task",
+        "vqa",
+        "--predictions",
+        tmp_path / "sub.json",
+        "--annotations",
+        qfile,
+        "--annotations",
+        afile,
+        "--vqa-eval",
+        "2019",
+        code=1,
+    )
+    assert "2019" in bad.output and "Traceback" not in bad.output
 
 
 def test_train_refuses_annotations_the_cache_lacks(vqa_setup):
@@ -209,7 +253,7 @@ def test_nlvr2_predictions_csv(tmp_path):
             "--json",
         ).output
     )
-    assert set(scores) == {"accuracy", "consistency", "n"} and scores["n"] == 6
+    assert set(scores) == {"metric", "accuracy", "consistency", "n"} and scores["n"] == 6
 
 
 def _add_img1(path):

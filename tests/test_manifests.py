@@ -302,6 +302,8 @@ def test_gqa_balanced_questions(tmp_path: Path) -> None:
         "structural": "verify",
         "semantic": "attr",
         "detailed": "verifyAttr",
+        "balanced": True,
+        "steps": 1,  # "select: sky"; the null global group is not kept
     }
     assert keys(read_gqa(path, limit=1)) == ["20"]
 
@@ -309,7 +311,7 @@ def test_gqa_balanced_questions(tmp_path: Path) -> None:
 def test_gqa_test_split_has_no_answers(tmp_path: Path) -> None:
     path = write_json(tmp_path / "test_balanced_questions.json", {"201": gqa_question("n1")})
     (record,) = read_gqa(path)
-    assert record.answers == () and record.extra == {}
+    assert record.answers == () and "fullAnswer" not in record.extra and not record.labelled
 
 
 def test_gqa_malformed(tmp_path: Path) -> None:
@@ -422,8 +424,12 @@ def test_lxmert_vqa_and_gqa_json(tmp_path: Path) -> None:
     assert records[0].image_keys == ("393225",)
     assert records[0].label == {"pine": 0.3, "tree": 1.0}
     assert records[0].answers == ("pine", "tree")
-    assert records[0].extra == {"answer_type": "other", "question_type": "what type of"}
-    assert records[1].answers == () and records[1].label == {}
+    assert records[0].extra == {
+        "labelled": True,
+        "answer_type": "other",
+        "question_type": "what type of",
+    }
+    assert records[1].answers == () and records[1].label == {} and not records[1].labelled
     gqa = [{"img_id": "n161313", "label": {"no": 1.0}, "question_id": "05515938", "sent": "Is?"}]
     (record,) = read_lxmert(write_json(tmp_path / "testdev.json", gqa), limit=5)
     assert (record.key, record.image_keys, record.answers) == ("05515938", ("n161313",), ("no",))

@@ -1,4 +1,10 @@
-"""Hand-computed checks of the official metrics, soft targets, answer vocab and submission files."""
+"""Hand-computed checks of the official metrics, soft targets, answer vocab and submission files.
+
+Each expected value follows from the official evaluator's rules, worked out in the comments
+(GT-Vision-Lab/VQA vqaEval.py at a013f00 and 458a8b2, GQA eval.py, lil-lab/nlvr metrics.py,
+airsplay/lxmert VQAEvaluator). The same code was run side by side with those evaluators on
+thousands of generated cases (docs/evaluation.md); these tests pin the rules that decide figures.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,14 @@ import pytest
 
 from vlpipe.fusion.answers import AnswerVocab, preprocess_answer, soft_score, target_scores
 from vlpipe.fusion.metrics import (
-    gqa_evaluate,
+    VqaQuestion,
+    exact_match_evaluate,
+    label_score_evaluate,
     nlvr2_evaluate,
     nlvr2_group,
     normalize_answer,
     process_punctuation,
+    py2_round,
     vqa_accuracy,
     vqa_evaluate,
 )
@@ -85,18 +94,48 @@ def test_vqa_accuracy_leave_one_out(k: int, expected: float) -> None:
     assert vqa_accuracy("cat", _gts(k)) == pytest.approx(expected, abs=1e-12)
 
 
-def test_vqa_accuracy_normalises_prediction() -> None:
-    assert vqa_accuracy("two", ["2"] * 10) == 1.0
-    assert vqa_accuracy("A dog.", _gts(2, "dog", "cat")) == pytest.approx(0.6)
+@pytest.mark.parametrize(
+    ("pred", "humans", "acc_2021", "acc_2016"),
+    [
+        # All humans agree: 2021 compares the prediction as given (stripped only), 2016
+        # normalises it.
+        ("two", ["2"] * 10, 0.0, 1.0),
+        ("Yes", ["yes"] * 10, 0.0, 1.0),
+        ("yes.", ["yes"] * 10, 0.0, 1.0),
+        (" yes\n", ["yes"] * 10, 1.0, 1.0),
+        # Humans disagree: 2021 normalises their answers too (lower case, numbers, articles),
+        # 2016 only processes their punctuation.
+        ("dog", ["Dog"] * 9 + ["cat"], 1.0, 0.0),
+        ("2", ["two"] * 9 + ["cat"], 1.0, 0.0),
+        ("dog", ["a dog"] * 9 + ["cat"], 1.0, 0.0),
+        ("yes", ["yes."] * 9 + ["no"], 1.0, 1.0),
+        # 2021 strips human answers before deciding whether they agree.
+        ("yes", ["yes "] * 5 + ["yes"] * 5, 1.0, pytest.approx(1.0)),
+        ("Yes", ["yes "] * 5 + ["yes"] * 5, 0.0, pytest.approx(1.0)),
+    ],
+)
+def test_vqa_accuracy_per_revision(pred, humans, acc_2021, acc_2016) -> None:
+    assert vqa_accuracy(pred, humans, "2021") == acc_2021
+    assert vqa_accuracy(pred, humans, "2016") == acc_2016
 
 
-def test_vqa_accuracy_ground_truth_is_only_punctuation_processed() -> None:
-    # Official quirk: human answers are never lower-cased or number-mapped...
-    assert vqa_accuracy("2", ["two"] * 10) == 0.0
-    assert vqa_accuracy("yes", ["Yes"] * 9 + ["no"]) == 0.0
-    # ...and only punctuation-processed when they disagree with each other.
-    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
-    assert vqa_accuracy("yes", ["yes."] * 9 + ["no"]) == 1.0
+def test_vqa_2016_keeps_unstripped_human_answers() -> None:
+    # 2016: "yes " != "yes"; 5 of 10 humans match -> min(1, 5/3) or min(1, 4/3) = 1 for all.
+    assert vqa_accuracy("yes", ["yes "] * 9 + ["yes"], "2016") == pytest.approx(0.3)
+
+
+def test_vqa_accuracy_leave_one_out_removes_equal_records() -> None:
+    # vqaEval.py leaves out every record equal to annotator i's. Three identical "cat" records
+    # (same answer_id and confidence): leaving one out drops all three -> 0 for them, 3/3 -> 1
+    # for the seven "dog" annotators: 7/10. Distinct records would give 0.9.
+    humans = ["cat"] * 3 + ["dog"] * 7
+    assert vqa_accuracy("cat", humans) == pytest.approx(0.9)
+    assert vqa_accuracy("cat", humans, annotators=(0, 0, 0, 3, 4, 5, 6, 7, 8, 9)) == 0.7
+
+
+def test_vqa_unknown_revision_is_refused() -> None:
+    with pytest.raises(ValueError, match="2019"):
+        vqa_accuracy("yes", ["yes"] * 10, "2019")
 
 
 def test_vqa_accuracy_needs_answers() -> None:
@@ -107,61 +146,110 @@ def test_vqa_accuracy_needs_answers() -> None:
 # --------------------------------------------------------------------------------------------
 # VQA evaluation over questions
 # --------------------------------------------------------------------------------------------
-def test_vqa_evaluate_overall_and_per_type() -> None:
+def _questions(answers: dict, qtypes: dict | None = None, atypes: dict | None = None) -> dict:
+    return {
+        qid: VqaQuestion(
+            tuple(a), (qtypes or {}).get(qid, "what"), (atypes or {}).get(qid, "other")
+        )
+        for qid, a in answers.items()
+    }
+
+
+def test_vqa_evaluate_overall_per_answer_and_question_type() -> None:
     answers = {"1": ["yes"] * 10, "2": _gts(1), "3": _gts(2), "4": ["3"] * 10}
-    types = {"1": "yes/no", "2": "other", "3": "other", "4": "number"}
-    preds = {"1": "yes", "2": "cat", "3": "bird", "4": "three"}
+    atypes = {"1": "yes/no", "2": "other", "3": "other", "4": "number"}
+    qtypes = {"1": "is the", "2": "what is", "3": "what is", "4": "how many"}
+    preds = {"1": "yes", "2": "cat", "3": "bird", "4": "3"}
     # per question: 1.0, 0.3, 0.0, 1.0 -> overall 100 * 2.3 / 4 = 57.5
     # other: (0.3 + 0.0) / 2 = 15.0; yes/no 100.0; number 100.0
-    result = vqa_evaluate(preds, answers, types)
-    assert result == {
-        "overall": 57.5,
-        "perAnswerType": {"yes/no": 100.0, "other": 15.0, "number": 100.0},
-        "n": 4,
-    }
+    result = vqa_evaluate(preds, _questions(answers, qtypes, atypes), per_question=True)
+    assert result["overall"] == 57.5 and result["n"] == 4
+    assert result["perAnswerType"] == {"yes/no": 100.0, "other": 15.0, "number": 100.0}
+    assert result["perQuestionType"] == {"is the": 100.0, "what is": 15.0, "how many": 100.0}
+    assert result["perQuestion"] == {"1": 100.0, "2": 30.0, "3": 0.0, "4": 100.0}
+    assert result["metric"].startswith("vqaEval.py 2021 revision")
+    assert vqa_evaluate(preds, _questions(answers), "2016")["metric"].startswith("vqaEval.py 2016")
 
 
 def test_vqa_evaluate_rounds_to_two_decimals() -> None:
     # 100 * (1.0 + 0.3 + 0.0) / 3 = 43.333... -> 43.33
-    answers = {1: ["yes"] * 10, 2: _gts(1), 3: _gts(0)}
-    result = vqa_evaluate({"1": "yes", "2": "cat", "3": "cat"}, answers, None)
-    assert result == {"overall": 43.33, "perAnswerType": {}, "n": 3}
+    answers = {"1": ["yes"] * 10, "2": _gts(1), "3": _gts(0)}
+    result = vqa_evaluate({"1": "yes", "2": "cat", "3": "cat"}, _questions(answers))
+    assert result["overall"] == 43.33
+
+
+def test_vqa_evaluate_rounds_halves_away_from_zero_as_python2() -> None:
+    # 1 right of 32: 100 * 1 / 32 = 3.125 exactly. Python 2's round gives 3.13; Python 3's
+    # round(3.125, 2) would give 3.12.
+    answers = {str(i): ["yes"] * 10 for i in range(32)}
+    preds = {qid: "yes" if qid == "0" else "no" for qid in answers}
+    assert vqa_evaluate(preds, _questions(answers))["overall"] == 3.13
+    assert round(3.125, 2) == 3.12
+
+
+@pytest.mark.parametrize(
+    ("x", "expected"),
+    [
+        (0.125, 0.13),
+        (0.375, 0.38),
+        (2.675, 2.67),
+        (12.125, 12.13),
+        (43.3333, 43.33),
+        (-0.125, -0.13),
+    ],
+)
+def test_py2_round(x: float, expected: float) -> None:
+    # 2.675 is stored as 2.67499999...: not a halfway case, it rounds down in Python 2 too.
+    assert py2_round(x, 2) == expected
 
 
 def test_vqa_evaluate_id_mismatch_names_ids() -> None:
-    answers = {str(i): ["yes"] * 10 for i in range(10)}
+    answers = _questions({str(i): ["yes"] * 10 for i in range(10)})
     preds = {str(i): "yes" for i in range(3)}  # 7 questions without prediction
     with pytest.raises(ValueError, match=r"7 id\(s\): 3, 4, 5, 6, 7, \.\.\.") as info:
-        vqa_evaluate(preds, answers, None)
+        vqa_evaluate(preds, answers)
     assert "8" not in str(info.value)  # only 5 ids named
+    few = _questions({str(i): ["yes"] * 10 for i in range(3)})
     with pytest.raises(ValueError, match="no ground truth.*99"):
-        vqa_evaluate({**preds, "99": "no"}, {str(i): ["yes"] * 10 for i in range(3)}, None)
+        vqa_evaluate({**preds, "99": "no"}, few)
+
+
+def test_lxmert_label_score() -> None:
+    # airsplay/lxmert VQAEvaluator: score += label[ans] if ans in label; score / len.
+    labels = {"1": {"yes": 1.0}, "2": {"cat": 0.6, "dog": 0.3}, "3": {}, "4": {"red": 0.9}}
+    preds = {"1": "yes", "2": "dog", "3": "yes", "4": "blue"}
+    types = {"1": "yes/no", "2": "other", "3": "yes/no", "4": "other"}
+    result = label_score_evaluate(preds, labels, types)
+    assert result["overall"] == (1.0 + 0.3) / 4 * 100.0
+    assert result["perAnswerType"] == {"yes/no": 50.0, "other": 0.3 / 2 * 100.0}
+    assert result["n"] == 4 and "label score" in result["metric"]
 
 
 # --------------------------------------------------------------------------------------------
 # GQA
 # --------------------------------------------------------------------------------------------
-def test_gqa_exact_match() -> None:
+def test_exact_match() -> None:
     answers = {"a": "yes", "b": "traffic light", "c": "no", "d": "2"}
-    # "Yes" and "two" would match under VQA normalisation, not under GQA's exact match.
+    # "Yes" and "two" would match under VQA normalisation, not under exact match.
     preds = {"a": "Yes", "b": "traffic light", "c": "no", "d": "two", "extra": "ignored"}
-    assert gqa_evaluate(preds, answers) == {"accuracy": 50.0, "n": 4}
+    assert exact_match_evaluate(preds, answers) == {
+        "metric": "exact match",
+        "accuracy": 50.0,
+        "n": 4,
+    }
     with pytest.raises(ValueError, match="missing prediction.*c"):
-        gqa_evaluate({"a": "yes", "b": "x", "d": "2"}, answers)
+        exact_match_evaluate({"a": "yes", "b": "x", "d": "2"}, answers)
 
 
-def test_gqa_accuracy_per_answer_type() -> None:
+def test_exact_match_per_answer_type() -> None:
     answers = {"a": "yes", "b": "red", "c": "no", "d": "circle"}
     preds = {"a": "yes", "b": "blue", "c": "yes", "d": "circle"}
     types = {"a": "yes/no", "b": "color", "c": "yes/no", "d": "shape"}
-    result = gqa_evaluate(preds, answers, types)
-    assert result == {
-        "accuracy": 50.0,
-        "n": 4,
-        "perAnswerType": {"yes/no": 50.0, "color": 0.0, "shape": 100.0},
-    }
+    result = exact_match_evaluate(preds, answers, types)
+    assert result["accuracy"] == 50.0
+    assert result["perAnswerType"] == {"yes/no": 50.0, "color": 0.0, "shape": 100.0}
     with pytest.raises(ValueError, match="missing answer type.*d"):
-        gqa_evaluate(preds, answers, {k: v for k, v in types.items() if k != "d"})
+        exact_match_evaluate(preds, answers, {k: v for k, v in types.items() if k != "d"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +278,8 @@ def test_nlvr2_accuracy_and_consistency() -> None:
         "dev-2-1-1": False,  # the only mistake: breaks group dev-2--1
     }
     # accuracy 4/5 = 80.0; consistency: 1 of 2 groups fully right = 50.0
-    assert nlvr2_evaluate(preds, labels) == {"accuracy": 80.0, "consistency": 50.0, "n": 5}
+    result = nlvr2_evaluate(preds, labels)
+    assert (result["accuracy"], result["consistency"], result["n"]) == (80.0, 50.0, 5)
 
 
 def test_nlvr2_groups_by_sentence_not_by_pair() -> None:
@@ -307,3 +396,65 @@ def test_readers_reject_malformed_files(tmp_path) -> None:
     wrong_keys.write_text(json.dumps([{"question_id": "1", "prediction": "a"}]))
     with pytest.raises(ValueError):
         read_gqa_submission(wrong_keys)
+
+
+# --------------------------------------------------------------------------------------------
+# What the readers keep for the official evaluators
+# --------------------------------------------------------------------------------------------
+def _vqa_files(tmp_path, answer_records):
+    questions = [{"image_id": 1, "question": "q?", "question_id": i} for i in (1, 2, 3)]
+    anns = [
+        {
+            "question_id": qid,
+            "image_id": 1,
+            "question_type": "what",
+            "answer_type": "other",
+            "multiple_choice_answer": "cat",
+            "answers": answer_records,
+        }
+        for qid in (3, 1, 2)  # another order than the questions'
+    ]
+    (tmp_path / "q.json").write_text(json.dumps({"questions": questions}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": anns}))
+    return tmp_path / "q.json", tmp_path / "a.json"
+
+
+def test_vqa_records_follow_the_annotation_order(tmp_path) -> None:
+    from vlpipe.data_manifests.vqa import read_vqa
+
+    records = [{"answer": "cat", "answer_confidence": "yes", "answer_id": i} for i in range(1, 11)]
+    q, a = _vqa_files(tmp_path, records)
+    assert [r.key for r in read_vqa(q, a)] == ["3", "1", "2"]  # vqaEval.py sums in this order
+    assert [r.key for r in read_vqa(q)] == ["1", "2", "3"]
+    assert all("annotators" not in r.extra for r in read_vqa(q, a))  # distinct answer_ids
+
+
+def test_vqa_reader_marks_equal_answer_records(tmp_path) -> None:
+    from vlpipe.data_manifests.vqa import read_vqa
+    from vlpipe.fusion.tasks import get_task
+
+    same = {"answer_confidence": "yes", "answer_id": 1}
+    records = [dict(same, answer="cat")] * 3
+    records += [{"answer": "dog", "answer_confidence": "yes", "answer_id": i} for i in range(4, 11)]
+    q, a = _vqa_files(tmp_path, records)
+    recs = read_vqa(q, a)
+    assert recs[0].extra["annotators"] == (0, 0, 0, 3, 4, 5, 6, 7, 8, 9)
+    result = get_task("vqa").evaluate({r.key: "cat" for r in recs}, recs)
+    assert result["overall"] == 70.0  # see test_vqa_accuracy_leave_one_out_removes_equal_records
+
+
+def test_lxmert_empty_label_is_scored(tmp_path) -> None:
+    from vlpipe.data_manifests.lxmert import read_lxmert
+    from vlpipe.fusion.tasks import EvalOptions, get_task
+
+    items = [
+        {"question_id": 1, "img_id": "COCO_val2014_000000000001", "sent": "q?", "label": {"a": 1}},
+        {"question_id": 2, "img_id": "COCO_val2014_000000000001", "sent": "q?", "label": {}},
+        {"question_id": 3, "img_id": "COCO_val2014_000000000001", "sent": "q?"},  # test: no label
+    ]
+    (tmp_path / "m.json").write_text(json.dumps(items))
+    recs = read_lxmert(tmp_path / "m.json")
+    assert [r.labelled for r in recs] == [True, True, False]
+    task = get_task("vqa", EvalOptions(label_scores=True))
+    result = task.evaluate({"1": "a", "2": "a"}, recs[:2])
+    assert result["overall"] == 50.0 and "label score" in result["metric"]

@@ -1,0 +1,30 @@
+"""`vlpipe score`: the official metrics of a predictions file, without a model or caches.
+
+The predictions are read in the submission formats `vlpipe predict` writes (and the official
+evaluators read): VQA results json, GQA predictions json, NLVR2 csv; easy-VQA uses the GQA
+layout. The annotations go through the same readers as training, so a figure printed here is
+the figure `vlpipe evaluate` prints for the same predictions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlpipe.fusion import submission
+from vlpipe.fusion.tasks import get_task
+from vlpipe.pipelines.train_job import DataSpec
+
+_READERS = {
+    "vqa": submission.read_vqa_submission,
+    "gqa": submission.read_gqa_submission,
+    "nlvr2": submission.read_nlvr2_predictions,
+    "easy-vqa": submission.read_gqa_submission,
+}
+
+
+def run_score(spec: DataSpec, predictions: Path) -> dict:
+    task = get_task(spec.task, spec.evaluation())
+    records = [r for r in spec.records() if r.labelled]
+    if not records:
+        raise ValueError(f"{', '.join(map(str, spec.annotations))}: no labelled questions to score")
+    return task.evaluate(_READERS[task.name](predictions), records)
