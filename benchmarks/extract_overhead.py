@@ -11,6 +11,7 @@ alternate (--repeats pairs); the ratio of the best runs and of the median runs a
 
 Target: pipeline seconds / bare seconds <= 1.10 (at most 10% pipeline overhead). A breakdown
 (loader alone, cast-and-copy alone, shard writes alone) shows where any extra time goes.
+--json PATH also writes the headline figures as JSON.
 
     python benchmarks/extract_overhead.py                       # ~3 min on a 2-core CPU
     python benchmarks/extract_overhead.py --device cuda --arch vit_base_patch16_224 \
@@ -20,6 +21,7 @@ Target: pipeline seconds / bare seconds <= 1.10 (at most 10% pipeline overhead).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import tempfile
@@ -48,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-batches", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="bare/pipeline pairs, alternated")
     p.add_argument("--workdir", type=Path, help="where the caches go (default: a temp dir)")
+    p.add_argument("--json", type=Path, help="also write the headline figures to this JSON file")
     return p.parse_args()
 
 
@@ -202,11 +205,15 @@ def main() -> None:
         cast, arrays = time_cast(runs["outputs"], schema, len(batches), device)
         writes = time_writes(extractor, arrays, len(batches), work / "writes.h5", opts)
         loader = time_loader(timed, extractor, opts, device)
-        report(args.images, runs, cast, writes, loader)
+        figures = report(args.images, runs, cast, writes, loader)
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
+    if args.json:
+        config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"config": config, **figures}, indent=2))
 
 
-def report(n: int, runs: dict, cast: float, writes: float, loader: dict) -> None:
+def report(n: int, runs: dict, cast: float, writes: float, loader: dict) -> dict:
+    """Print the results; return the headline figures."""
     mb = sum(f.stat().st_size for f in runs["cache"].with_suffix(".shards").glob("*.h5")) / 1e6
     (bare, bare_cpu), (pipe, pipe_cpu) = min(runs["bare"]), min(runs["pipe"])
     print(
@@ -236,6 +243,15 @@ def report(n: int, runs: dict, cast: float, writes: float, loader: dict) -> None
     print(
         f"  main-thread work bare+cast+writes {serial:.2f}s; pipeline - that = {pipe - serial:.2f}s"
     )
+    return {
+        "bare_images_per_s": n / bare,
+        "pipeline_images_per_s": n / pipe,
+        "ratio_best": pipe / bare,
+        "ratio_median": med["pipe"] / med["bare"],
+        "cpu_time_ratio": cpu_ratio,
+        "mb_written": mb,
+        "loader_images_per_s": n / loader["wall"],
+    }
 
 
 if __name__ == "__main__":

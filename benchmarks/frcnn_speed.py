@@ -9,8 +9,9 @@ Peak memory: RSS of the process on CPU (ru_maxrss, includes the model), on CUDA
 torch.cuda.max_memory_allocated over the timed batches.
 
 With --precision fp16 / bf16 (autocast), the same images first run in fp32 and the report adds
-the drift: the share of fp32-selected boxes also selected in reduced precision (same box within
-0.5 px) and, over those boxes, the max abs / mean relative difference of their features.
+the fp32 images/s of that run and the drift: the share of fp32-selected boxes also selected in
+reduced precision (same box within 0.5 px) and, over those boxes, the max abs / mean abs / mean
+relative difference of their features. --json PATH also writes these figures as JSON.
 
     python benchmarks/frcnn_speed.py                 # CPU, 300x500, 100 proposals, 3 images
     python benchmarks/frcnn_speed.py --device cuda --precision fp16   # 600x1000, 300, 32 images
@@ -19,6 +20,7 @@ the drift: the share of fp32-selected boxes also selected in reduced precision (
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 
@@ -45,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--policy", default="caffe", choices=["caffe", "maxnms", "adaptive"])
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     defaults = GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
     for name, value in defaults.items():
@@ -120,7 +123,7 @@ def run(extractor, batches, args, precision: str) -> tuple[float, float, list]:
 
 
 def drift(reference: list[dict], other: list[dict]) -> dict[str, float]:
-    matched, total, max_abs, rel = 0, 0, 0.0, []
+    matched, total, max_abs, mean_abs, rel = 0, 0, 0.0, [], []
     for ref, out in zip(reference, other, strict=True):
         for b in range(ref["image_boxes"].shape[0]):
             ref_boxes = ref["image_boxes"][b][ref["image_mask"][b].bool()]
@@ -134,11 +137,13 @@ def drift(reference: list[dict], other: list[dict]) -> dict[str, float]:
             for r in torch.nonzero(best <= 0.5).flatten().tolist():
                 a, c = ref["image_feats"][b][r], out_feats[idx[r]]
                 max_abs = max(max_abs, float((a - c).abs().max()))
+                mean_abs.append(float((a - c).abs().mean()))
                 rel.append(float((a - c).norm() / a.norm().clamp(min=1e-12)))
                 matched += 1
     return {
         "boxes_kept": matched / max(total, 1),
         "feat_max_abs": max_abs,
+        "feat_mean_abs": float(np.mean(mean_abs)) if mean_abs else float("nan"),
         "feat_mean_rel": float(np.mean(rel)) if rel else float("nan"),
     }
 
@@ -159,27 +164,36 @@ def main() -> None:
         f"{args.images} images, batch {args.batch_size} | torch threads "
         f"{torch.get_num_threads()}"
     )
-    reference = None
+    images, reference = args.images, None
+    figures = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
     if args.precision != "fp32":
-        _, _, reference = run(extractor, batches, args, "fp32")
+        ref_seconds, _, reference = run(extractor, batches, args, "fp32")
+        figures["fp32_images_per_s"] = images / ref_seconds
+        print(f"fp32 reference images/s {images / ref_seconds:.3f}")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     seconds, detect_s, outputs = run(extractor, batches, args, args.precision)
-    images = args.images
+    figures["images_per_s"] = images / seconds
+    figures["detect_s_per_image"] = detect_s / images
     print(f"images/s {images / seconds:.3f}  ({seconds / images:.2f} s per image)")
     print(
         f"per image: detect {detect_s / images:.2f} s, box selection "
         f"{(seconds - detect_s) / images:.2f} s"
     )
-    print(f"peak memory {peak_memory_mb(args.device):.0f} MiB")
+    figures["peak_memory_mb"] = peak_memory_mb(args.device)
+    print(f"peak memory {figures['peak_memory_mb']:.0f} MiB")
     kept = [int(o["image_mask"].sum()) for o in outputs]
     print(f"regions kept per batch: {kept}")
     if reference is not None:
-        d = drift(reference, outputs)
+        d = figures["drift"] = drift(reference, outputs)
         print(
             f"drift vs fp32: boxes kept {d['boxes_kept']:.3f}, features max abs "
-            f"{d['feat_max_abs']:.4g}, mean relative {d['feat_mean_rel']:.4g}"
+            f"{d['feat_max_abs']:.4g}, mean abs {d['feat_mean_abs']:.4g}, mean relative "
+            f"{d['feat_mean_rel']:.4g}"
         )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

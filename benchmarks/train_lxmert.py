@@ -4,7 +4,8 @@ transformers' LxmertForQuestionAnswering with the same config, on the same rando
 A step is forward + backward + AdamW step with BCE-with-logits on soft answer scores (LXMERT's
 VQA loss). Both models start from the same weights (checked: their logits agree in eval mode).
 Warm-up steps are not timed; each model is timed `--rounds` times, alternating, and the best
-round counts, which keeps a busy machine's noise out of the ratio.
+round counts, which keeps a busy machine's noise out of the ratio. --json PATH also writes the
+figures as JSON.
 
     python benchmarks/train_lxmert.py                  # CPU: a small config, about a minute
     python benchmarks/train_lxmert.py --device cuda    # LXMERT-base: 768, 9/5/5, batch 32
@@ -13,6 +14,7 @@ round counts, which keeps a busy machine's noise out of the ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -45,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,11 +200,24 @@ def main():
     for _ in range(args.rounds):
         for runner in runners:
             runner.time_round(batches)
-    for r in runners:
+    report(runners, args, device, float(diff))
+
+
+def report(runners: list[Runner], args, device: torch.device, diff: float) -> None:
+    figures = {"config": {k: v for k, v in vars(args).items() if k != "json"}}
+    for key, r in zip(("ours", "theirs"), runners, strict=True):
         memory = f", peak {r.peak_mb:.0f} MiB" if device.type == "cuda" else ""
         step_ms = 1000 * r.best / args.steps
         print(f"{r.name:42s} {r.samples_per_s():8.1f} samples/s ({step_ms:.0f} ms/step{memory})")
-    print(f"ratio ours/theirs: {runners[0].samples_per_s() / runners[1].samples_per_s():.2f}")
+        figures[key] = {"samples_per_s": r.samples_per_s(), "ms_per_step": step_ms}
+        if device.type == "cuda":
+            figures[key]["peak_memory_mb"] = r.peak_mb
+    ratio = runners[0].samples_per_s() / runners[1].samples_per_s()
+    print(f"ratio ours/theirs: {ratio:.2f}")
+    if args.json:
+        figures.update(ratio=ratio, start_logits_max_diff=diff)
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

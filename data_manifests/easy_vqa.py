@@ -11,8 +11,6 @@ the `easy-vqa` listing's key; answers = (answer,); extra["answer_type"] = yes/no
 
 from __future__ import annotations
 
-import easy_vqa as package
-
 from .base import TextRecord, apply_limit
 
 SPLITS = ("train", "test")
@@ -30,6 +28,8 @@ def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[TextRe
     """The split's questions in the package's order."""
     if split not in SPLITS:
         raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+    import easy_vqa as package  # lazy: the registry (and every CLI command) imports this module
+
     getter = package.get_train_questions if split == "train" else package.get_test_questions
     texts, answers, image_ids = getter()
     rows = apply_limit(list(zip(texts, answers, image_ids, strict=True)), limit)
@@ -47,4 +47,6 @@ def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[TextRe
 
 def easy_vqa_answers() -> list[str]:
     """The 13 answers, in the package's order (a fixed class index for classifiers)."""
+    import easy_vqa as package
+
     return package.get_answers()
