@@ -68,6 +68,38 @@ def _prune(run_dir: Path, keep: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# What a run folder holds that vlpipe wrote (checkpoint folders, their temporaries, LATEST and
+# its temporaries, logs, plot, TensorBoard events, default prediction files).
+RUN_FILES = (
+    "ckpt-*",
+    ".ckpt-*.tmp",
+    LATEST,
+    f".{LATEST}.*.tmp",
+    "train_log.csv",
+    ".train_log.csv.*.tmp",
+    "eval_log.jsonl",
+    ".eval_log.jsonl.*.tmp",
+    "curves.png",
+    "tb",
+    "predictions.json",
+    "predictions.csv",
+)
+
+
+def clear_run(run_dir: Path) -> list[Path]:
+    """Remove what an earlier run wrote in `run_dir` (nothing else: a user's own files stay).
+    Returns the removed paths."""
+    removed = []
+    for pattern in RUN_FILES:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / LATEST
     if not pointer.exists():

@@ -247,11 +247,15 @@ class TaskDataset(Dataset):
     def loader(
         self,
         batch_size: int,
-        sampler: Sampler | None = None,
+        sampler: Sampler | Sequence[int] | None = None,
         num_workers: int = 0,
         drop_last: bool = False,
+        seed: int = 0,
     ) -> DataLoader:
-        sampler = sampler or range(len(self))
+        """Whole batches in `sampler` order (all records in order when None; an empty sampler
+        gives no batches). The loader has its own seeded generator: creating it never draws
+        from the global torch RNG, which dropout uses, so a resumed run keeps its RNG stream."""
+        sampler = range(len(self)) if sampler is None else sampler
         batches = BatchSampler(sampler, batch_size, drop_last)
         return DataLoader(
             self,
@@ -260,6 +264,7 @@ class TaskDataset(Dataset):
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(seed),
         )
 
 

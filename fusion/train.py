@@ -9,6 +9,7 @@ continued with --resume takes the same steps as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -27,6 +28,7 @@ from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task
+from vlpipe.io import write_text_atomic
 
 
 @dataclass
@@ -48,23 +50,25 @@ class TrainConfig:
 
 class EpochOrder(Sampler[int]):
     """A seeded permutation per epoch, this rank's share of it (every world-th item, padded by
-    wrapping so all ranks take the same number of steps), starting `skip` items in."""
+    wrapping so all ranks take the same number of steps), starting `offset` items in."""
 
-    def __init__(self, n: int, seed: int, epoch: int, skip: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.seed, self.epoch, self.skip = n, seed, epoch, skip
+    def __init__(
+        self, n: int, seed: int, epoch: int, offset: int = 0, rank: int = 0, world: int = 1
+    ):
+        self.n, self.seed, self.epoch, self.offset = n, seed, epoch, offset
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[int]:
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         padded = np.resize(perm, self.per_rank(self.n, self.world) * self.world)
-        return iter(padded[self.rank :: self.world][self.skip :].tolist())
+        return iter(padded[self.rank :: self.world][self.offset :].tolist())
 
     @staticmethod
     def per_rank(n: int, world: int) -> int:
         return math.ceil(n / world)
 
     def __len__(self) -> int:
-        return self.per_rank(self.n, self.world) - self.skip
+        return max(0, self.per_rank(self.n, self.world) - self.offset)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -103,11 +107,14 @@ class Logger:
             self.bar, self.file, self.tb = tqdm(disable=True), None, None
             return
         self.path = run_dir / "train_log.csv"
-        kept = self._rows_up_to(start)  # a killed run may have logged past its checkpoint
-        self.file = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+        # A killed run may have logged past its checkpoint: keep the rows up to `start`,
+        # replacing the file atomically (a kill here leaves the old log, never an empty one).
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([self.FIELDS, *self._rows_up_to(start)])
+        write_text_atomic(self.path, text.getvalue())
+        _trim_jsonl(run_dir / "eval_log.jsonl", start)
+        self.file = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
         self.csv = csv.writer(self.file)
-        self.csv.writerow(self.FIELDS)
-        self.csv.writerows(kept)
         self.tb = _tensorboard(run_dir)
         self.bar = tqdm(
             total=total,
@@ -119,12 +126,12 @@ class Logger:
         )
 
     def _rows_up_to(self, step: int) -> list[list[str]]:
+        """Complete rows of steps <= `step` (a row cut short by a kill is dropped)."""
         if step == 0 or not self.path.exists():
             return []
         with open(self.path, newline="") as fh:
-            return [
-                [r[k] for k in self.FIELDS] for r in csv.DictReader(fh) if int(r["step"]) <= step
-            ]
+            rows = [[r.get(k) for k in self.FIELDS] for r in csv.DictReader(fh)]
+        return [r for r in rows if None not in r and _int(r[0], step + 1) <= step]
 
     def step(self, row: dict[str, float]) -> None:
         if not self.main:
@@ -150,6 +157,24 @@ class Logger:
             self.tb.close()
 
 
+def _int(text: str, default: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def _trim_jsonl(path: Path, step: int) -> None:
+    """Drop evaluation rows logged after `step` (a kill between evaluation and checkpoint),
+    atomically."""
+    if not path.exists():
+        return
+    rows = _read_jsonl(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in kept))
+
+
 def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -166,11 +191,11 @@ def _seed_everything(seed: int, device: torch.device) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-def _trainer_state(step, epoch, skip, opt, sched) -> dict[str, Any]:
+def _trainer_state(step, epoch, offset, opt, sched) -> dict[str, Any]:
     state = {
         "step": step,
         "epoch": epoch,
-        "skip": skip,
+        "offset": offset,
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -186,7 +211,8 @@ def _restore(state, opt, sched) -> tuple[int, int, int]:
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["epoch"], state["skip"]
+    # "skip" is what checkpoints written before the position was renamed call the offset
+    return state["step"], state["epoch"], state.get("offset", state.get("skip", 0))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -222,7 +248,9 @@ class Trainer:
         self.opt = make_optimizer(model, cfg)
         self.sched = make_schedule(self.opt, total, cfg.warmup_ratio)
         self.amp = cfg.amp and self.device.type == "cuda"
-        self.step, self.epoch, self.skip = 0, 0, 0
+        # The position, and the only one: steps taken, epoch, items of this rank's share of the
+        # epoch already trained on. Checkpoints store exactly these three.
+        self.step, self.epoch, self.offset = 0, 0, 0
         self.progress = progress and self.dist.main
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -242,13 +270,14 @@ class Trainer:
                 f"{self.dist.world} would change the data order"
             )
         ckpt.load_weights(latest, self.model)
-        self.step, self.epoch, self.skip = _restore(
+        self.step, self.epoch, self.offset = _restore(
             ckpt.load_trainer_state(latest), self.opt, self.sched
         )
 
-    def save(self, seen: int, extra: dict[str, Any] | None = None) -> None:
+    def save(self, extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint the current position (rank 0 writes; all ranks wait for it)."""
         if self.dist.main:
-            state = _trainer_state(self.step, self.epoch, seen, self.opt, self.sched)
+            state = _trainer_state(self.step, self.epoch, self.offset, self.opt, self.sched)
             ckpt.save_checkpoint(
                 self.run_dir, self.step, self.model, dict(self.meta, **(extra or {})), state
             )
@@ -261,35 +290,32 @@ class Trainer:
         results: dict[str, Any] = {}
         try:
             while self.epoch < self.cfg.epochs and self.step < self.limit:
-                seen = self._epoch(log)
-                if seen < len(self._order()):  # stopped by max_steps: resumable from here
-                    self.save(self.skip + seen)
+                if not self._epoch(log):  # stopped by max_steps: resumable from here
+                    self.save()
                     break
-                self.epoch, self.skip = self.epoch + 1, 0
+                self.epoch, self.offset = self.epoch + 1, 0
                 results = self._validate(val, log) if val is not None else results
-                self.save(0, {"eval": results})
+                self.save({"eval": results})
         finally:
             log.close()
         if self.dist.main:
             plot_curves(self.run_dir / "train_log.csv", self.run_dir / "curves.png")
         return results
 
-    def _order(self) -> EpochOrder:
-        return EpochOrder(
-            len(self.data), self.cfg.seed, self.epoch, 0, self.dist.rank, self.dist.world
-        )
-
-    def _epoch(self, log: Logger) -> int:
-        """One epoch from item `self.skip` of this rank's share; returns items seen after it."""
+    def _epoch(self, log: Logger) -> bool:
+        """Train on this rank's share of the epoch from `self.offset` on, advancing the
+        position; True when the share is done, False when max_steps stopped it."""
         self.net.train()
-        order = self._order()
-        order.skip = self.skip
-        seen = 0
-        for batch in self.data.loader(self.cfg.batch_size, order, self.cfg.num_workers):
+        share = EpochOrder.per_rank(len(self.data), self.dist.world)
+        order = EpochOrder(
+            len(self.data), self.cfg.seed, self.epoch, self.offset, self.dist.rank, self.dist.world
+        )
+        loader = self.data.loader(self.cfg.batch_size, order, self.cfg.num_workers)
+        for batch in loader:
             start = time.perf_counter()
             loss = distributed.mean(self.dist, self._step(to_device(batch, self.device)))
             n = len(batch["target"])
-            self.step, seen = self.step + 1, seen + n
+            self.step, self.offset = self.step + 1, self.offset + n
             log.step(
                 {
                     "step": self.step,
@@ -299,11 +325,11 @@ class Trainer:
                     "samples_per_s": n * self.dist.world / (time.perf_counter() - start),
                 }
             )
-            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and len(order) > seen:
-                self.save(self.skip + seen)
+            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and self.offset < share:
+                self.save()
             if self.step >= self.limit:
                 break
-        return self.skip + seen
+        return self.offset >= share
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -434,7 +460,14 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log; a last line cut short by a kill is skipped."""
     if not path.exists():
         return []
+    rows = []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows

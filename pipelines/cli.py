@@ -367,7 +367,12 @@ def train(
     init: str = typer.Option(None, help="pretrained LXMERT: HF folder or Epoch20_LXRT.pth"),
     init_bert: str = typer.Option(None, help="BERT folder for LXMERT's language layers"),
     resume: bool = typer.Option(False, help="continue the run in --out exactly"),
-    overwrite: bool = typer.Option(False, help="replace an earlier run in --out"),
+    accept_changes: bool = typer.Option(
+        False, help="with --resume: continue although settings or features changed"
+    ),
+    overwrite: bool = typer.Option(
+        False, help="replace an earlier run in --out (only the files vlpipe wrote)"
+    ),
     vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
     progress: bool = typer.Option(True),
 ) -> None:
@@ -407,15 +412,17 @@ def train(
             train_spec,
             out,
             val_spec,
-            _json_option(model_config, "--model-config"),
-            overrides,
-            vocab,
-            max_length,
-            min_answer_count,
-            init,
-            init_bert,
-            resume,
-            progress,
+            model_config=_json_option(model_config, "--model-config"),
+            train_overrides=overrides,
+            vocab=vocab,
+            max_length=max_length,
+            min_answer_count=min_answer_count,
+            init=init,
+            init_bert=init_bert,
+            resume=resume,
+            progress=progress,
+            overwrite=overwrite,
+            accept_changes=accept_changes,
         )
         results = run_train(req)
     except _user_errors() as err:
@@ -460,7 +467,9 @@ def evaluate(
 
 def _print_results(results: dict, as_json: bool) -> None:
     """The metrics as JSON, the metric's provenance ("metric") included; a readable summary
-    line first unless --json."""
+    line first unless --json; warnings loudly on stderr."""
+    for warning in results.get("warnings", []):
+        typer.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
     if not as_json and "metric" in results:
         headline = {k: results[k] for k in ("overall", "accuracy") if k in results}
         typer.echo(f"{results['metric']}: {json.dumps(headline)}", err=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,11 @@ import torch
 
 from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
-from vlpipe.fusion.data import CacheSet, TaskDataset, build_vocab
+from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset, build_vocab
 from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
 from vlpipe.fusion.train import TrainConfig, evaluate, predict, train
+from vlpipe.provenance import encoder_identity
 
 # The papers' fine-tuning settings. LXMERT: lr 5e-5 (GQA 1e-5), batch 32, 4 epochs, clip 5.
 # Transformer-exclusive concat paper: lr 1e-4, linear decay with warm-up, 25 epochs.
@@ -124,10 +127,13 @@ class TrainRequest:
     resume: bool = False
     progress: bool = True
     overwrite: bool = False
+    accept_changes: bool = False  # resume although the run's identity changed
 
 
 def _check_run_dir(req: TrainRequest) -> None:
-    """Never train over an earlier run by accident."""
+    """Never train over an earlier run by accident; --overwrite removes only what vlpipe wrote."""
+    if req.out.exists() and not req.out.is_dir():
+        raise ckpt.RunError(f"--out {req.out} is a file, not a run folder")
     if req.resume or not (req.out / ckpt.LATEST).exists():
         return
     if not req.overwrite:
@@ -135,9 +141,7 @@ def _check_run_dir(req: TrainRequest) -> None:
             f"{req.out} already holds a run: pass --resume to continue it or "
             "--overwrite to start again"
         )
-    import shutil
-
-    shutil.rmtree(req.out)
+    ckpt.clear_run(req.out)
 
 
 def run_train(req: TrainRequest) -> dict[str, Any]:
@@ -180,10 +184,72 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
         "image_kind": data.images.kind,
         "evaluation": dataclasses.asdict(task.evaluation),
     }
+    meta["data"] = _data_identity(train_recs)
+    if req.resume:
+        _check_resumable(req.out, meta, cfg, req.accept_changes)
     req.out.mkdir(parents=True, exist_ok=True)
     return train(
         model, task, data, cfg, req.out, meta, val=val, resume=req.resume, progress=req.progress
     )
+
+
+# TrainConfig fields a resumed run may change: where and how fast it runs, and when it stops.
+# Everything else of the run (model, answers, data, features, optimisation) is its identity.
+RESUMABLE = ("max_steps", "ckpt_every", "log_every", "num_workers", "device")
+
+
+def _data_identity(records) -> dict:
+    """The training examples in order: the data order of every epoch is a permutation of them."""
+    digest = hashlib.sha256("\n".join(r.key for r in records).encode()).hexdigest()
+    return {"examples": len(records), "keys_sha256": digest}
+
+
+def run_identity(meta: dict, train_config: dict) -> dict:
+    """What a resumed run must share with the run it continues, as flat "a.b" -> value."""
+    caches = meta.get("caches") or {}
+    identity = {
+        "task": meta.get("task"),
+        "fusion": meta.get("fusion"),
+        "fusion_config": meta.get("fusion_config"),
+        "answers": meta.get("answers"),
+        "tokenizer": meta.get("tokenizer"),
+        "image features": encoder_identity(caches.get("image")),
+        "text features": encoder_identity(caches.get("text")),
+        "training data": meta.get("data"),
+        "train": {k: v for k, v in train_config.items() if k not in RESUMABLE},
+    }
+    return _flatten(json.loads(json.dumps(identity, default=str)))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _check_resumable(run_dir: Path, meta: dict, cfg: TrainConfig, accept: bool) -> None:
+    """Refuse to continue a run with other settings or features (its loss trajectory would no
+    longer be the original run's), unless `accept`; a feature-size change is refused always."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise ckpt.RunError(f"{run_dir}: nothing to resume (no checkpoint)")
+    saved = ckpt.load_meta(latest)
+    was = run_identity(saved, saved.get("train", {}))
+    now = run_identity(meta, dataclasses.asdict(cfg))
+    changed = {k: (was.get(k), now.get(k)) for k in sorted(was.keys() | now.keys())}
+    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+    if not changed:
+        return
+    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+    more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+    sizes = [k for k in changed if k.startswith("fusion_config.")]
+    if sizes or not accept:
+        hint = "" if sizes else "; pass --accept-changes to continue anyway"
+        raise ckpt.RunError(f"{latest}: cannot resume, the run differs: {listing}{more}{hint}")
+    print(f"WARNING: resuming {run_dir} with changes: {listing}{more}", file=sys.stderr)
 
 
 def _initialise(model: TaskModel, req: TrainRequest) -> None:
@@ -228,31 +294,51 @@ def run_dataset(run_dir: Path, spec: DataSpec) -> tuple[TaskModel, Task, TaskDat
         tokenizer,
         meta["tokenizer"]["max_length"],
     )
-    _check_same_features(meta, data)
+    meta["warnings"] = _check_same_features(meta, data)
     return model, task, data, meta
 
 
-def _check_same_features(meta: dict, data: TaskDataset) -> None:
-    """Evaluating on features from another encoder than training used is almost always a
-    mistake: refuse it, naming both."""
-    trained = meta["caches"]["image"]
-    now = data.images.provenance
-    for key in ("backbone", "weights_sha256", "preprocessing"):
-        if json.dumps(trained.get(key), sort_keys=True) != json.dumps(now.get(key), sort_keys=True):
-            raise ValueError(
-                f"image features differ from training in {key!r}: trained on "
-                f"{trained.get(key)}, given {now.get(key)}"
+def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
+    """Features of another size than the model's are an error; features from another encoder
+    (model, weights, seed, preprocessing, ...) than training used give a loud warning each."""
+    dims = fusion_dims(meta["fusion"], data.images, data.texts, 0)
+    for key, value in dims.items():
+        trained = meta["fusion_config"].get(key)
+        if key != "vocab_size" and None not in (trained, value) and value != trained:
+            caches = data.images.names if key != "text_dim" else data.texts.names
+            raise DataMismatch(
+                f"{caches}: features of size {value} for {key}, the model in the run was "
+                f"trained on {trained}"
             )
+    warnings = []
+    for kind, caches in (("image", data.images), ("text", data.texts)):
+        trained = encoder_identity((meta.get("caches") or {}).get(kind))
+        now = encoder_identity(caches.provenance if caches is not None else None)
+        differ = [k for k in trained.keys() | now.keys() if trained.get(k) != now.get(k)]
+        names = caches.names if caches is not None else "none"
+        for key in sorted(differ):
+            warnings.append(
+                f"{kind} features differ from the run's training caches in {key!r}: trained on "
+                f"{trained.get(key)!r}, given {now.get(key)!r} ({names})"
+            )
+    return warnings
 
 
 def run_evaluate(run_dir: Path, spec: DataSpec, batch_size: int = 256, device: str = "auto"):
-    model, task, data, _ = run_dataset(run_dir, spec)
-    return evaluate(model, task, data, batch_size, resolve_device(device))
+    """(metrics, predictions); the metrics carry "warnings" when the caches' encoder differs
+    from the one the run was trained on."""
+    model, task, data, meta = run_dataset(run_dir, spec)
+    results, preds = evaluate(model, task, data, batch_size, resolve_device(device))
+    if meta["warnings"]:
+        results = dict(results, warnings=meta["warnings"])
+    return results, preds
 
 
 def run_predict(
     run_dir: Path, spec: DataSpec, out: Path | None, batch_size: int = 256, device: str = "auto"
 ) -> Path:
-    model, task, data, _ = run_dataset(run_dir, spec)
+    model, task, data, meta = run_dataset(run_dir, spec)
+    for warning in meta["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     preds = predict(model, task, data, batch_size, resolve_device(device))
     return task.write_predictions(out or run_dir / task.submission_name, preds)

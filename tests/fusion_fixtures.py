@@ -17,16 +17,24 @@ COLORS = ("red", "green", "blue")
 DIM = 16
 
 
-def image_cache(path: Path, n: int, *, kind: str = "patches", seed: int = 0) -> list[str]:
+def image_cache(
+    path: Path,
+    n: int,
+    *,
+    kind: str = "patches",
+    seed: int = 0,
+    dim: int = DIM,
+    prov: dict | None = None,
+) -> list[str]:
     """n images; image i has colour i % 3 written into its features."""
     rng = np.random.default_rng(seed)
     keys = [f"img{i}" for i in range(n)]
-    feats = rng.normal(size=(n, 4, DIM)).astype(np.float32) * 0.1
+    feats = rng.normal(size=(n, 4, dim)).astype(np.float32) * 0.1
     for i in range(n):
         feats[i, :, i % 3] += 2.0
     if kind == "regions":
         shapes = {
-            "image_feats": (4, DIM),
+            "image_feats": (4, dim),
             "image_hw": (2,),
             "image_boxes": (4, 4),
             "image_mask": (4,),
@@ -45,15 +53,15 @@ def image_cache(path: Path, n: int, *, kind: str = "patches", seed: int = 0) -> 
             "attr_ids": np.zeros((n, 4)),
             "attr_conf": np.ones((n, 4)),
         }
-        prov = dict(PROV, backbone="frcnn")
+        prov = dict(prov or PROV, backbone="frcnn")
     else:
-        shapes = {"image_cls": (DIM,), "image_hw": (2,), "image_feats": (4, DIM)}
+        shapes = {"image_cls": (dim,), "image_hw": (2,), "image_feats": (4, dim)}
         arrays = {
             "image_cls": feats.mean(1),
             "image_hw": np.tile([[30, 40]], (n, 1)),
             "image_feats": feats,
         }
-        prov = PROV
+        prov = prov or PROV
     with CacheWriter(path, Schema.build(kind, shapes, "float32"), prov) as writer:
         writer.add(keys, arrays)
     return keys
@@ -106,10 +114,10 @@ def text_cache(path: Path, records: list[TextRecord], length: int = 6) -> None:
         writer.add([r.key for r in records], arrays)
 
 
-def gqa_color_task(folder: Path, n_images: int = 12) -> list[str]:
+def gqa_color_task(folder: Path, n_images: int = 12, dim: int = DIM) -> list[str]:
     """Image and text caches plus a GQA-format question file (two questions per image whose
     colour the features encode) in `folder`; returns the `vlpipe train` data arguments."""
-    image_cache(folder / "img.h5", n_images)
+    image_cache(folder / "img.h5", n_images, dim=dim)
     recs = color_records(n_images)
     text_cache(folder / "txt.h5", recs)
     questions = {

@@ -127,6 +127,24 @@ def test_killed_training_resumes_on_the_same_loss_trajectory(tmp_path):
     assert len(logged_losses(run)) == 24
 
 
+def test_kill_early_in_a_resumed_run_keeps_the_log(tmp_path):
+    """The resumed run rewrites train_log.csv (dropping rows logged past its checkpoint): a kill
+    right after that must leave the earlier rows, not an empty file."""
+    data = gqa_color_task(tmp_path)
+    base = [sys.executable, "-m", "vlpipe", "train", *data, "--epochs", "4", "--batch-size", "4"]
+    base += ["--lr", "1e-2", "--no-progress", "--out", str(tmp_path / "run")]
+    subprocess.run([*base, "--max-steps", "6"], env=ENV, check=True, capture_output=True)
+    log = tmp_path / "run" / "train_log.csv"
+    before = log.stat()
+
+    def log_rewritten() -> bool:
+        now = log.stat() if log.exists() else None
+        return now is None or (now.st_ino, now.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+
+    kill_when([*base, "--resume"], log_rewritten)
+    assert len(logged_losses(tmp_path / "run")) >= 6
+
+
 def test_write_error_stops_cleanly_and_the_run_resumes(folder, clean, tmp_path):
     """A file-size limit on the process (as a full disk would) stops the run with a clear
     message; complete shards stay; --resume finishes the cache."""

@@ -165,6 +165,72 @@ def test_interrupted_run_resumed_equals_uninterrupted(caches, tmp_path):
     assert (tmp_path / "a" / "curves.png").stat().st_size > 1000
 
 
+def tiny_cross() -> TaskModel:
+    """A model with dropout (0.1 in attention and FFN): resume must restore its RNG stream."""
+    values = {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32}
+    values.update(text_dim=DIM, visual_feat_dim=DIM)
+    return TaskModel("cross", make_fusion_config("cross", values), 3)
+
+
+def test_stop_resume_stop_resume_with_dropout_equals_uninterrupted(caches, tmp_path):
+    # 24 questions, batch 5: 5 steps per epoch, the last one of 4 items; 3 epochs = 15 steps.
+    cfg = TrainConfig(epochs=3, batch_size=5, lr=1e-2, seed=3, warmup_ratio=0.2, ckpt_every=3)
+    ds = dataset(caches, tiny_cross().needs)
+    val = dataset(caches, tiny_cross().needs)  # validation loaders must not shift the RNG
+    meta = {"task": "color"}
+
+    def run(out, max_steps=0, resume=False):
+        cut = TrainConfig(**{**cfg.__dict__, "max_steps": max_steps})
+        model = tiny_cross()
+        train(model, CE, ds, cut, tmp_path / out, meta, val=val, resume=resume, progress=False)
+        return model
+
+    torch.manual_seed(0)
+    straight = run("a")
+    torch.manual_seed(0)
+    run("b", max_steps=2)  # stops mid-epoch 1, before any periodic checkpoint
+    torch.manual_seed(11)  # another process state each time: resume must not depend on it
+    run("b", max_steps=7, resume=True)  # again mid-epoch (epoch 2), after a validation
+    torch.manual_seed(22)
+    resumed = run("b", resume=True)
+    assert [s for s, _ in _losses(tmp_path / "b")] == list(range(1, 16))
+    assert [v for _, v in _losses(tmp_path / "b")] == [v for _, v in _losses(tmp_path / "a")]
+    final = resumed.state_dict()
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, final[name]), name
+
+
+def test_dropout_model_without_own_loader_generator_would_diverge(caches, tmp_path):
+    """The check above can fail: drawing from the global RNG when a loader starts (what a
+    DataLoader without its own generator does) changes a dropout model's losses."""
+    ds = dataset(caches, tiny_cross().needs)
+    cfg = TrainConfig(epochs=1, batch_size=5, lr=1e-2, seed=3)
+    torch.manual_seed(0)
+    train(tiny_cross(), CE, ds, cfg, tmp_path / "a", {"task": "color"}, progress=False)
+    torch.manual_seed(0)
+    original = TaskDataset.loader
+
+    def drawing_loader(self, *args, **kwargs):
+        torch.empty((), dtype=torch.int64).random_()  # the global draw of generator=None
+        return original(self, *args, **kwargs)
+
+    TaskDataset.loader = drawing_loader
+    try:
+        train(tiny_cross(), CE, ds, cfg, tmp_path / "b", {"task": "color"}, progress=False)
+    finally:
+        TaskDataset.loader = original
+    assert [v for _, v in _losses(tmp_path / "a")] != [v for _, v in _losses(tmp_path / "b")]
+
+
+def test_resume_at_the_end_of_an_epoch_share_takes_no_unshuffled_epoch(caches, tmp_path):
+    """A position at the end of the epoch's share continues with the next epoch, never with a
+    full unshuffled pass (an empty sampler used to fall back to range(len))."""
+    from vlpipe.fusion.train import EpochOrder
+
+    ds = dataset(caches, ("image_cls", "text_cls"))
+    assert list(ds.loader(5, EpochOrder(len(ds), 0, 0, offset=len(ds)))) == []
+
+
 def test_checkpoint_round_trip_and_learning(caches, tmp_path):
     ds = dataset(caches, ("image_cls", "text_cls"))
     model = tiny_model("concat")

@@ -64,3 +64,26 @@ def weights_record(path: str | Path | None) -> dict[str, str]:
 
 def host_record() -> dict[str, str]:
     return {"host": platform.node(), "python": platform.python_version()}
+
+
+# What defines the features themselves, whatever dataset or split they were computed over: the
+# same encoder with the same weights and preprocessing gives the same features. The seed only
+# matters for random-init weights. Training and evaluation caches are compared on these.
+ENCODER_IDENTITY = (
+    "backbone",
+    "model",
+    "weights_sha256",
+    "seed",
+    "preprocessing",
+    "dtype",
+    "precision",
+    "box_policy",
+)
+
+
+def encoder_identity(prov: dict | None) -> dict:
+    """The provenance fields that define an encoder's features (see ENCODER_IDENTITY)."""
+    if prov is None:
+        return {}
+    keys = [k for k in ENCODER_IDENTITY if k != "seed" or prov.get("weights") == RANDOM_INIT]
+    return {k: prov.get(k) for k in keys}
