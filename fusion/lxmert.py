@@ -128,6 +128,8 @@ PRETRAINING_HEADS = ("cls.", "obj_predict_head.")
 # (9,500 answers there), and of the original task models.
 ANSWER_HEADS = ("answer_head.logit_fc.", "logit_fc.")
 HEAD_PREFIXES = PRETRAINING_HEADS + ANSWER_HEADS
+# buffers some files carry that are no weights of ours
+_BUFFERS = ("embeddings.position_ids",)
 _LEGACY_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
 # `--multiGPU` wraps only the encoder of a task model in DataParallel
 _TASK_DATAPARALLEL = ("lxrt_encoder.model.module.", "lxrt_encoder.model.")
@@ -238,7 +240,7 @@ def read_lxmert_checkpoint(path: str | Path) -> LxmertCheckpoint:
         if key.startswith(ANSWER_HEADS):
             head[key.removeprefix("answer_head.")] = value
             ckpt.ignored.append(key)
-        elif key.startswith(PRETRAINING_HEADS):
+        elif key.startswith(PRETRAINING_HEADS) or key.endswith(_BUFFERS):
             ckpt.ignored.append(key)
         elif key.startswith(prefix):
             ckpt.backbone[key.removeprefix(prefix)] = value

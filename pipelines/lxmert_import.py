@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,13 @@ class ImportOptions:
 
 
 def is_foreign(path: str | Path) -> bool:
-    """A weights file, or a folder of weights that is not a `vlpipe train` run."""
+    """A weights file, or a folder of weights that is not part of a `vlpipe train` run."""
     path = Path(path)
     if path.is_file():
         return True
-    return path.is_dir() and any((path / name).is_file() for name in WEIGHT_FILES)
+    if not path.is_dir() or (path / "run.json").exists():  # a run's ckpt-NNNNNNN folder
+        return False
+    return any((path / name).is_file() for name in WEIGHT_FILES)
 
 
 def import_task_model(path: str | Path, opts: ImportOptions) -> tuple[TaskModel, dict, Task]:
@@ -70,7 +73,7 @@ def import_task_model(path: str | Path, opts: ImportOptions) -> tuple[TaskModel,
     load_into(model.head, ckpt.head, path)
     report.ignored = [k for k in report.ignored if not k.startswith(ANSWER_HEADS)]
     report.notes.append(f"answer head: loaded, {len(answers)} answers")
-    print(report)
+    print(report, file=sys.stderr)  # stdout carries `vlpipe evaluate --json`
     meta = {
         "task": task.name,
         "fusion": "lxmert",
