@@ -5,15 +5,21 @@ The network is transformers' `LxmertModel`, so parameter names follow the Huggin
 only its attention is switched to scaled_dot_product_attention (`attention.use_sdpa`).
 
 Weights come from local files only, through separate functions:
-- `load_lxmert_weights`: a Hugging Face LXMERT folder or file (unc-nlp/lxmert-base-uncased:
-  `lxmert.*` keys, or the bare `LxmertModel` layout) or the original checkpoint of
-  airsplay/lxmert (`Epoch20_LXRT.pth`: `module.bert.*` keys). Pre-training heads are ignored.
+- `read_lxmert_checkpoint`: a Hugging Face LXMERT folder or file (unc-nlp/lxmert-base-uncased,
+  LxmertForQuestionAnswering: `lxmert.*` keys, or the bare `LxmertModel` layout), the original
+  pre-trained checkpoint of airsplay/lxmert (`Epoch20_LXRT.pth`: `module.bert.*`) or its
+  fine-tuned task models (`BEST.pth` / `LAST.pth`: `lxrt_encoder.model.[module.]bert.*` and
+  `logit_fc.*`), sorted into backbone, answer head and the architecture they hold.
+- `load_lxmert_weights` / `load_backbone`: the backbone into an LxmertFusion; a file of another
+  architecture is an error unless a partial load is asked for. Heads are not loaded here (see
+  pipelines/lxmert_import.py for the answer head).
 - `load_bert_language`: embeddings, the first language layers and the pooler from a Hugging Face
   BERT folder, as LXMERT initialises them before pre-training.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from torch import nn
 from transformers import LxmertConfig, LxmertModel
 
 from vlpipe.fusion.attention import language_only_tail, use_sdpa
+from vlpipe.fusion.heads import head_names
 from vlpipe.weights import WeightsError, read_state_dict
 
 
@@ -107,19 +114,98 @@ class LxmertFusion(nn.Module):
 # Backbone prefix of each checkpoint layout. The original code (airsplay/lxmert, LXRTModel under
 # `bert`) and transformers (LxmertModel under `lxmert`) use the same module names below the
 # prefix, e.g. `encoder.x_layers.0.visual_attention.att.query.weight`; `read_state_dict` has
-# already removed the DataParallel `module.` of the original files.
-LAYOUTS = {"huggingface": "lxmert.", "original": "bert.", "bare": ""}
-# Pre-training heads of both LxmertForPreTraining and the original LXRTPretraining, and the
-# answer head of LxmertForQuestionAnswering: not part of the fusion model.
-HEAD_PREFIXES = ("cls.", "obj_predict_head.", "answer_head.")
+# already removed the DataParallel `module.` of the original files. The original task models
+# (VQAModel, GQAModel, NLVR2Model) hold LXRTFeatureExtraction as `lxrt_encoder.model`.
+LAYOUTS = {
+    "huggingface": "lxmert.",
+    "original": "bert.",
+    "original-task": "lxrt_encoder.model.bert.",
+    "bare": "",
+}
+# Pre-training heads of both LxmertForPreTraining and the original LXRTPretraining.
+PRETRAINING_HEADS = ("cls.", "obj_predict_head.")
+# The answer head (`logit_fc`) of LxmertForQuestionAnswering and of both pre-training models
+# (9,500 answers there), and of the original task models.
+ANSWER_HEADS = ("answer_head.logit_fc.", "logit_fc.")
+HEAD_PREFIXES = PRETRAINING_HEADS + ANSWER_HEADS
+# buffers some files carry that are no weights of ours
+_BUFFERS = ("embeddings.position_ids",)
 _LEGACY_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+# `--multiGPU` wraps only the encoder of a task model in DataParallel
+_TASK_DATAPARALLEL = ("lxrt_encoder.model.module.", "lxrt_encoder.model.")
 _BERT_LAYER = re.compile(r"encoder\.layer\.(\d+)\.")
+# The architecture a file holds: layer counts from the keys, sizes from tensor shapes
+# (LxmertFusionConfig field -> (backbone tensor, dimension)), all under LxmertConfig's names in a
+# config.json. No tensor records the number of attention heads.
+_STACKS = {
+    "l_layers": "encoder.layer.",
+    "r_layers": "encoder.r_layers.",
+    "x_layers": "encoder.x_layers.",
+}
+_SIZES = {
+    "hidden": ("embeddings.word_embeddings.weight", 1),
+    "vocab_size": ("embeddings.word_embeddings.weight", 0),
+    "max_position": ("embeddings.position_embeddings.weight", 0),
+    "type_vocab_size": ("embeddings.token_type_embeddings.weight", 0),
+    "intermediate": ("encoder.x_layers.0.lang_inter.dense.weight", 0),
+    "visual_feat_dim": ("encoder.visn_fc.visn_fc.weight", 1),
+    "visual_pos_dim": ("encoder.visn_fc.box_fc.weight", 1),
+}
+_CONFIG_JSON = {
+    "l_layers": "l_layers",
+    "r_layers": "r_layers",
+    "x_layers": "x_layers",
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "max_position": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "visual_feat_dim": "visual_feat_dim",
+    "visual_pos_dim": "visual_pos_dim",
+}
+
+
+@dataclass
+class LxmertCheckpoint:
+    """One LXMERT checkpoint, read and sorted. `backbone` uses LxmertModel's names, `head` the
+    answer head's under ClassifierHead's (`net.1.weight`, ...; empty when the file has none);
+    `ignored` / `unexpected` use the file's names."""
+
+    source: str
+    layout: str
+    backbone: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    arch: dict[str, int] = field(default_factory=dict)  # LxmertFusionConfig fields of the file
+    arch_from: str = "tensor shapes"
+    labels: list[str] | None = None  # the head's answers, from a config.json's id2label
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def head_shape(self) -> tuple[int, int] | None:
+        """(inputs, answers) of the answer head, None without one."""
+        if not self.head:
+            return None
+        return self.head["net.1.weight"].shape[1], self.head["net.4.weight"].shape[0]
+
+    def fusion_config(self) -> LxmertFusionConfig:
+        """The model this file holds. Without a config.json the attention heads are LXMERT's
+        (12): no tensor shape records them."""
+        config = LxmertFusionConfig(**self.arch)
+        if "heads" not in self.arch and config.hidden % config.heads:
+            raise WeightsError(
+                f"{self.source}: hidden size {config.hidden} is not a multiple of LXMERT's "
+                f"{config.heads} attention heads, and no config.json says how many it has: put "
+                "its LxmertConfig config.json beside the file"
+            )
+        return config
 
 
 @dataclass
 class LoadReport:
     """What a weight loader did. `loaded` / `missing` use the model's names (below `lxmert.`);
-    `unexpected` / `ignored` use the file's names."""
+    `unexpected` / `ignored` / `skipped` use the file's names."""
 
     source: str
     layout: str
@@ -127,6 +213,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # misshapen tensors of a partial load
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"{self.source} ({self.layout} layout): loaded {len(self.loaded)} tensors"]
@@ -134,34 +222,84 @@ class LoadReport:
             ("missing (model keeps its initial values)", self.missing),
             ("unexpected (in the file, not in the model; not loaded)", self.unexpected),
             ("ignored (heads / layers the model does not use)", self.ignored),
+            ("skipped (shape differs; partial load)", self.skipped),
         )
         for what, keys in groups:
             if keys:
                 lines.append(f"  {len(keys)} {what}: {_preview(keys)}")
-        return "\n".join(lines)
+        return "\n".join(lines + [f"  {note}" for note in self.notes])
+
+
+def read_lxmert_checkpoint(path: str | Path) -> LxmertCheckpoint:
+    """Read any of the LXMERT layouts (see LAYOUTS) and the folder's config.json when present."""
+    state = {_canonical(k): v for k, v in read_state_dict(path).items()}
+    layout = _detect_layout(state, path)
+    prefix = LAYOUTS[layout]
+    ckpt, head = LxmertCheckpoint(str(path), layout), {}
+    for key, value in state.items():
+        if key.startswith(ANSWER_HEADS):
+            head[key.removeprefix("answer_head.")] = value
+            ckpt.ignored.append(key)
+        elif key.startswith(PRETRAINING_HEADS) or key.endswith(_BUFFERS):
+            ckpt.ignored.append(key)
+        elif key.startswith(prefix):
+            ckpt.backbone[key.removeprefix(prefix)] = value
+        else:
+            ckpt.unexpected.append(key)
+    ckpt.head = head_names(head, path) if head else {}
+    config = _config_json(path)
+    ckpt.arch, ckpt.arch_from = _architecture(ckpt.backbone, config, path)
+    ckpt.labels = _config_labels(config, ckpt.head_shape)
+    return ckpt
 
 
 def load_lxmert_weights(
-    model: LxmertFusion, path: str | Path, *, strict: bool = False
+    model: LxmertFusion, path: str | Path, *, strict: bool = False, partial: bool = False
 ) -> LoadReport:
-    """Load an LXMERT checkpoint (Hugging Face folder / file, or the original `*_LXRT.pth`) into
-    `model`. Misshapen tensors are an error naming the file; with `strict`, so are missing and
-    unexpected backbone tensors. Returns a `LoadReport`."""
-    state = {_modern_name(k): v for k, v in read_state_dict(path).items()}
-    layout = _detect_layout(state, path)
-    prefix = LAYOUTS[layout]
-    mapped, report = {}, LoadReport(str(path), layout)
-    for key, value in state.items():
-        if key.startswith(HEAD_PREFIXES):
-            report.ignored.append(key)
-        elif key.startswith(prefix):
-            mapped[key.removeprefix(prefix)] = value
-        else:
-            report.unexpected.append(key)
-    _copy_into(model.lxmert, mapped, report, model.lxmert.state_dict().keys(), prefix)
+    """Load the backbone of an LXMERT checkpoint (any layout of `read_lxmert_checkpoint`) into
+    `model`; see `load_backbone`. Returns a `LoadReport`."""
+    return load_backbone(model, read_lxmert_checkpoint(path), strict=strict, partial=partial)
+
+
+def load_backbone(
+    model: LxmertFusion, ckpt: LxmertCheckpoint, *, strict: bool = False, partial: bool = False
+) -> LoadReport:
+    """A checkpoint whose architecture (layer counts, sizes, config.json's heads) differs from
+    the model's is an error naming the file and both values, unless `partial`: then what fits
+    loads and the rest is reported (missing, unexpected, skipped). Misshapen tensors are an error
+    naming the file; with `strict`, so are missing and unexpected backbone tensors."""
+    differences = architecture_differences(ckpt, model.config)
+    if differences and not partial:
+        raise WeightsError(
+            f"{ckpt.source}: the checkpoint's architecture differs from the model's: "
+            f"{'; '.join(differences)} (the file's from its {ckpt.arch_from}). Configure the "
+            "model like the checkpoint (e.g. --model-config) or ask for a partial load "
+            "(--partial-init)"
+        )
+    report = LoadReport(ckpt.source, ckpt.layout, unexpected=list(ckpt.unexpected))
+    report.ignored = list(ckpt.ignored)
+    if differences:
+        report.notes.append(f"partial load: {'; '.join(differences)}")
+    if "heads" not in ckpt.arch:
+        report.notes.append(
+            f"attention heads: not recorded in the file (no config.json); "
+            f"the model's {model.config.heads} assumed"
+        )
+    prefix = LAYOUTS[ckpt.layout]
+    expected = model.lxmert.state_dict().keys()
+    _copy_into(model.lxmert, ckpt.backbone, report, expected, prefix, skip_misshapen=partial)
     if strict and (report.missing or report.unexpected):
         raise WeightsError(f"strict load failed:\n{report}")
     return report
+
+
+def architecture_differences(ckpt: LxmertCheckpoint, config: LxmertFusionConfig) -> list[str]:
+    """'name file-value vs model-value' for every architecture field that differs."""
+    return [
+        f"{name} {value} (file) vs {getattr(config, name)} (model)"
+        for name, value in ckpt.arch.items()
+        if getattr(config, name) != value
+    ]
 
 
 def load_bert_language(model: LxmertFusion, bert_folder: str | Path) -> LoadReport:
@@ -169,7 +307,7 @@ def load_bert_language(model: LxmertFusion, bert_folder: str | Path) -> LoadRepo
     language layers and the pooler from a Hugging Face BERT folder (BertModel or
     BertForPreTraining keys). The original LXMERT code loads the same tensors from
     bert-base-uncased, the pooler included; BERT layers beyond l_layers are ignored."""
-    state = {_modern_name(k): v for k, v in read_state_dict(bert_folder).items()}
+    state = {_canonical(k): v for k, v in read_state_dict(bert_folder).items()}
     if any(k.startswith("bert.") for k in state):  # BertForPreTraining / old BERT releases
         state = {k.removeprefix("bert."): v for k, v in state.items()}
     _check_hidden(state, model.config.hidden, bert_folder)
@@ -195,17 +333,71 @@ def _detect_layout(state: dict[str, torch.Tensor], path: str | Path) -> str:
     hint = " (a BERT checkpoint? load it with load_bert_language)" if bert else ""
     raise WeightsError(
         f"{path}: no LXMERT cross-modality layers (lxmert.encoder.x_layers.*, "
-        f"bert.encoder.x_layers.* or encoder.x_layers.*){hint}; first keys: {list(state)[:5]}"
+        f"bert.encoder.x_layers.*, lxrt_encoder.model.bert.encoder.x_layers.* or "
+        f"encoder.x_layers.*){hint}; first keys: {list(state)[:5]}"
     )
 
 
-def _modern_name(key: str) -> str:
+def _canonical(key: str) -> str:
     """Old BERT checkpoints (TF-converted, e.g. bert-base-uncased's pytorch_model.bin) name
-    LayerNorm parameters gamma / beta."""
+    LayerNorm parameters gamma / beta; task models trained with --multiGPU hold the encoder as
+    `lxrt_encoder.model.module`."""
+    if key.startswith(_TASK_DATAPARALLEL[0]):
+        key = _TASK_DATAPARALLEL[1] + key.removeprefix(_TASK_DATAPARALLEL[0])
     for old, new in _LEGACY_NAMES.items():
         if key.endswith(old):
             return key.removesuffix(old) + new
     return key
+
+
+def _config_json(path: str | Path) -> dict | None:
+    """The LxmertConfig saved with the weights (a folder's config.json, or the one beside a
+    weights file), None when there is none."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{file}: unreadable config.json ({err})") from err
+    return config if isinstance(config, dict) and config.get("model_type") == "lxmert" else None
+
+
+def _architecture(
+    backbone: dict[str, torch.Tensor], config: dict | None, path: str | Path
+) -> tuple[dict[str, int], str]:
+    """Layer counts and sizes the tensors hold, with config.json's values (heads) when there is
+    one; a config.json that contradicts the tensors is an error."""
+    arch = {name: _depth(backbone, stem) for name, stem in _STACKS.items()}
+    for name, (key, dim) in _SIZES.items():
+        if key in backbone:
+            arch[name] = backbone[key].shape[dim]
+    if config is None:
+        return arch, "tensor shapes"
+    stated = {ours: config[theirs] for ours, theirs in _CONFIG_JSON.items() if theirs in config}
+    wrong = [f"{k} {stated[k]} vs {arch[k]}" for k in arch if k in stated and stated[k] != arch[k]]
+    if wrong:
+        raise WeightsError(f"{path}: config.json contradicts the weights: {', '.join(wrong)}")
+    return {**arch, **stated}, "config.json and tensor shapes"
+
+
+def _depth(backbone: dict[str, torch.Tensor], stem: str) -> int:
+    """Number of layers of one stack: the largest index under `stem`, plus one."""
+    indices = [int(k[len(stem) :].split(".", 1)[0]) for k in backbone if k.startswith(stem)]
+    return max(indices, default=-1) + 1
+
+
+def _config_labels(config: dict | None, head_shape: tuple[int, int] | None) -> list[str] | None:
+    """config.json's id2label when it names every answer of the head (not transformers'
+    placeholder LABEL_0, LABEL_1, ...)."""
+    if config is None or head_shape is None:
+        return None
+    id2label = {str(k): v for k, v in (config.get("id2label") or {}).items()}
+    labels = [id2label.get(str(i)) for i in range(head_shape[1])]
+    if None in labels or all(re.fullmatch(r"LABEL_\d+", str(label)) for label in labels):
+        return None
+    return [str(label) for label in labels]
 
 
 def _is_language_key(key: str, l_layers: int) -> bool:
@@ -234,22 +426,24 @@ def _copy_into(
     report: LoadReport,
     expected: Iterable[str],
     prefix: str = "",
+    skip_misshapen: bool = False,
 ) -> None:
     """Copy `mapped` (target's names; the file's names less `prefix`) into `target` after
-    checking every shape; fills the report's loaded / missing / unexpected lists."""
+    checking every shape; fills the report's loaded / missing / unexpected / skipped lists."""
     own = target.state_dict()
     report.unexpected += sorted(prefix + k for k in mapped if k not in own)
     known = {k: v for k, v in mapped.items() if k in own}
-    wrong = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in known.items()
-        if v.shape != own[k].shape
+    wrong = {k for k, v in known.items() if v.shape != own[k].shape}
+    shapes = [
+        f"{k}: file {tuple(known[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(wrong)
     ]
-    if wrong:
+    if wrong and not skip_misshapen:
         raise WeightsError(
             f"{report.source}: {len(wrong)} tensors do not fit the model "
-            f"({report.layout} layout): {_preview(wrong)}"
+            f"({report.layout} layout): {_preview(shapes)}"
         )
+    report.skipped = sorted(prefix + k for k in wrong)
+    known = {k: v for k, v in known.items() if k not in wrong}
     target.load_state_dict(known, strict=False)
     report.loaded = sorted(known)
     report.missing = sorted(k for k in expected if k not in known)

@@ -1,5 +1,6 @@
-"""A deliberately plain training loop: AdamW, linear warm-up and decay, gradient clipping,
-AMP on GPU, seeded and deterministic on CPU, atomic checkpoints, exact resume.
+"""A deliberately plain training loop: AdamW with linear warm-up and decay (or LXMERT's BertAdam
+and its schedule), gradient clipping, AMP on GPU, seeded and deterministic on CPU, atomic
+checkpoints, exact resume.
 
 Exact resume: the data order of epoch e is a permutation seeded by (seed, e), the trainer
 state holds step, optimizer, scheduler and the torch RNG (dropout), so an interrupted run
@@ -27,8 +28,13 @@ from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
+from vlpipe.fusion.optim import BertAdam, warmup_linear_schedule
 from vlpipe.fusion.tasks import Task
 from vlpipe.io import write_text_atomic
+
+# adamw: AdamW, no decay on biases / norms, linear warm-up then decay (the default).
+# bertadam: BertAdam on all parameters with warmup_linear, as LXMERT's `--optim bert` recipes.
+OPTIMIZERS = ("adamw", "bertadam")
 
 
 @dataclass
@@ -46,6 +52,11 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # only takes effect on CUDA
     max_steps: int = 0  # stop after this many steps (0 = all epochs); for tests and smoke runs
+    optimizer: str = "adamw"  # adamw | bertadam (see OPTIMIZERS)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {list(OPTIMIZERS)}")
 
 
 class EpochOrder(Sampler[int]):
@@ -72,6 +83,9 @@ class EpochOrder(Sampler[int]):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "bertadam":  # one group, decay on everything, as LXMERT passes it
+        params = [p for p in model.parameters() if p.requires_grad]
+        return BertAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -83,7 +97,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def make_schedule(opt: torch.optim.Optimizer, total: int, warmup_ratio: float):
+def make_schedule(
+    opt: torch.optim.Optimizer, total: int, warmup_ratio: float, optimizer: str = "adamw"
+):
+    if optimizer == "bertadam":
+        return warmup_linear_schedule(opt, total, warmup_ratio)
     warmup = max(1, int(total * warmup_ratio))
 
     def factor(step: int) -> float:
@@ -246,7 +264,7 @@ class Trainer:
         total = self.per_epoch * cfg.epochs
         self.limit = min(total, cfg.max_steps) if cfg.max_steps else total
         self.opt = make_optimizer(model, cfg)
-        self.sched = make_schedule(self.opt, total, cfg.warmup_ratio)
+        self.sched = make_schedule(self.opt, total, cfg.warmup_ratio, cfg.optimizer)
         self.amp = cfg.amp and self.device.type == "cuda"
         # The position, and the only one: steps taken, epoch, items of this rank's share of the
         # epoch already trained on. Checkpoints store exactly these three.

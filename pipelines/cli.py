@@ -364,8 +364,20 @@ def train(
     vocab: str = typer.Option(None, help="WordPiece vocab.txt for fusions that tokenize"),
     max_length: int = typer.Option(20, help="text tokens (lxmert, lstm)"),
     min_answer_count: int = typer.Option(None, help="answer vocab threshold (VQA: 9)"),
-    init: str = typer.Option(None, help="pretrained LXMERT: HF folder or Epoch20_LXRT.pth"),
+    init: str = typer.Option(
+        None, help="LXMERT checkpoint: HF folder, Epoch20_LXRT.pth or a task model's BEST.pth"
+    ),
     init_bert: str = typer.Option(None, help="BERT folder for LXMERT's language layers"),
+    answers: str = typer.Option(
+        None, help="answer vocabulary file, e.g. LXMERT's trainval_label2ans.json"
+    ),
+    answer_table: str = typer.Option(
+        None, help="--init: what names its answer head's rows (all_ans.json: pre-trained head)"
+    ),
+    partial_init: bool = typer.Option(
+        False, help="--init of another architecture: load the tensors that fit"
+    ),
+    optimizer: str = typer.Option(None, help="adamw | bertadam (LXMERT's; default: the preset)"),
     resume: bool = typer.Option(False, help="continue the run in --out exactly"),
     accept_changes: bool = typer.Option(
         False, help="with --resume: continue although settings or features changed"
@@ -390,6 +402,7 @@ def train(
             "ckpt_every": ckpt_every,
             "num_workers": num_workers,
             "device": device,
+            "optimizer": optimizer,
         }
         overrides.update({k: v for k, v in flags.items() if v is not None})
         train_spec = _spec(
@@ -423,6 +436,9 @@ def train(
             progress=progress,
             overwrite=overwrite,
             accept_changes=accept_changes,
+            answers=answers,
+            answer_table=answer_table,
+            partial_init=partial_init,
         )
         results = run_train(req)
     except _user_errors() as err:
@@ -430,9 +446,24 @@ def train(
     typer.echo(f"{out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
 
 
+RUN_HELP = (
+    "run folder written by `vlpipe train`, or an LXMERT task checkpoint: BEST.pth / LAST.pth "
+    "of airsplay/lxmert, a Hugging Face LxmertForQuestionAnswering folder"
+)
+TASK_HELP = "LXMERT checkpoint: its task, vqa | gqa | nlvr2"
+ANSWERS_HELP = "LXMERT checkpoint: its answer list, e.g. trainval_label2ans.json"
+VOCAB_HELP = "LXMERT checkpoint: BERT vocab.txt (bert-base-uncased's)"
+
+
+def _lxmert_options(task, answers, vocab):
+    from vlpipe.pipelines.lxmert_import import ImportOptions
+
+    return ImportOptions(task, answers, vocab)
+
+
 @app.command()
 def evaluate(
-    run: Path = typer.Option(..., help="run folder written by `vlpipe train`"),
+    run: Path = typer.Option(..., help=RUN_HELP),
     features: list[Path] = typer.Option(..., help="image feature cache(s)"),
     text_features: list[Path] = typer.Option([], help="text feature cache(s)"),
     annotations: list[Path] = typer.Option([], help="annotation file(s) with answers"),
@@ -443,6 +474,9 @@ def evaluate(
     gqa_choices: Path = typer.Option(None, help=CHOICES_HELP),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json"),
+    task: str = typer.Option(None, help=TASK_HELP),
+    answers: str = typer.Option(None, help=ANSWERS_HELP),
+    vocab: str = typer.Option(None, help=VOCAB_HELP),
 ) -> None:
     """Print the official metrics of a trained run on a labelled split."""
     from vlpipe.pipelines.train_job import run_evaluate
@@ -459,7 +493,8 @@ def evaluate(
             vqa_eval,
             gqa_choices,
         )
-        results, _ = run_evaluate(run, spec, device=device)
+        lxmert = _lxmert_options(task, answers, vocab)
+        results, _ = run_evaluate(run, spec, device=device, lxmert=lxmert)
     except _user_errors() as err:
         _fail(err)
     _print_results(results, as_json)
@@ -478,7 +513,7 @@ def _print_results(results: dict, as_json: bool) -> None:
 
 @app.command()
 def predict(
-    run: Path = typer.Option(..., help="run folder written by `vlpipe train`"),
+    run: Path = typer.Option(..., help=RUN_HELP),
     features: list[Path] = typer.Option(..., help="image feature cache(s)"),
     text_features: list[Path] = typer.Option([], help="text feature cache(s)"),
     annotations: list[Path] = typer.Option([], help="question / statement file(s)"),
@@ -486,13 +521,17 @@ def predict(
     split: str = typer.Option(None),
     out: Path = typer.Option(None, help="submission file (default: RUN/predictions.json|csv)"),
     device: str = typer.Option("auto"),
+    task: str = typer.Option(None, help=TASK_HELP),
+    answers: str = typer.Option(None, help=ANSWERS_HELP),
+    vocab: str = typer.Option(None, help=VOCAB_HELP),
 ) -> None:
     """Write the official submission file: VQA / GQA json, NLVR2 csv."""
     from vlpipe.pipelines.train_job import run_predict
 
     try:
         spec = _spec("", features, text_features, annotations, annotations_format, split, None)
-        path = run_predict(run, spec, out, device=device)
+        lxmert = _lxmert_options(task, answers, vocab)
+        path = run_predict(run, spec, out, device=device, lxmert=lxmert)
     except _user_errors() as err:
         _fail(err)
     typer.echo(f"wrote {path}")

@@ -8,25 +8,39 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
+from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset, build_vocab
 from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
 from vlpipe.fusion.train import TrainConfig, evaluate, predict, train
 from vlpipe.provenance import encoder_identity
 
-# The papers' fine-tuning settings. LXMERT: lr 5e-5 (GQA 1e-5), batch 32, 4 epochs, clip 5.
+if TYPE_CHECKING:
+    from vlpipe.pipelines.lxmert_import import ImportOptions
+
+# The papers' fine-tuning settings. LXMERT (run/{vqa,gqa,nlvr2}_finetune.bash): BertAdam
+# (`--optim bert`: warmup_linear over 10% of the steps, weight decay 0.01 on all parameters),
+# lr 5e-5 (GQA 1e-5), batch 32, 4 epochs, gradient norm clipped at 5. easy-VQA is not an LXMERT
+# recipe: AdamW (its figures in docs/easy_vqa.md were measured so).
 # Transformer-exclusive concat paper: lr 1e-4, linear decay with warm-up, 25 epochs.
+_LXMERT = {"batch_size": 32, "epochs": 4, "grad_clip": 5.0, "optimizer": "bertadam"}
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    ("lxmert", "vqa"): {"lr": 5e-5, "batch_size": 32, "epochs": 4, "grad_clip": 5.0},
-    ("lxmert", "gqa"): {"lr": 1e-5, "batch_size": 32, "epochs": 4, "grad_clip": 5.0},
-    ("lxmert", "nlvr2"): {"lr": 5e-5, "batch_size": 32, "epochs": 4, "grad_clip": 5.0},
-    ("lxmert", "easy-vqa"): {"lr": 1e-4, "batch_size": 64, "epochs": 4, "grad_clip": 5.0},
+    ("lxmert", "vqa"): {**_LXMERT, "lr": 5e-5},
+    ("lxmert", "gqa"): {**_LXMERT, "lr": 1e-5},
+    ("lxmert", "nlvr2"): {**_LXMERT, "lr": 5e-5},
+    ("lxmert", "easy-vqa"): {
+        "lr": 1e-4,
+        "batch_size": 64,
+        "epochs": 4,
+        "grad_clip": 5.0,
+        "optimizer": "adamw",
+    },
     ("concat", "*"): {"lr": 1e-4, "batch_size": 32, "epochs": 25, "weight_decay": 0.0},
     ("lstm", "*"): {"lr": 1e-3, "batch_size": 32, "epochs": 25, "weight_decay": 0.0},
     ("cross", "*"): {"lr": 1e-4, "batch_size": 32, "epochs": 4, "grad_clip": 5.0},
@@ -128,6 +142,9 @@ class TrainRequest:
     progress: bool = True
     overwrite: bool = False
     accept_changes: bool = False  # resume although the run's identity changed
+    answers: str | None = None  # fixes the answer vocabulary, e.g. LXMERT's trainval_label2ans
+    answer_table: str | None = None  # what names the rows of --init's answer head (all_ans.json)
+    partial_init: bool = False  # --init of another architecture loads what fits
 
 
 def _check_run_dir(req: TrainRequest) -> None:
@@ -150,7 +167,7 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
     needs = fusion_needs(req.fusion)
     train_recs = req.train.records()
     val_recs = req.val.records() if req.val else None
-    vocab = build_vocab(task, train_recs, req.min_answer_count or task.min_count)
+    vocab = _answer_vocab(req, task, train_recs)
     texts = CacheSet(req.train.text_features) if req.train.text_features else None
     tokenizer, vocab_path = (None, None)
     if "text_ids" in needs:
@@ -170,7 +187,7 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
     cfg = TrainConfig(**{**preset(req.fusion, task.name), **req.train_overrides})
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run's recipe
     model = TaskModel(req.fusion, fusion_config, len(vocab), task.images_per_example)
-    _initialise(model, req)
+    _initialise(model, req, task, vocab)
     meta = {
         "task": task.name,
         "fusion": req.fusion,
@@ -183,6 +200,7 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
         },
         "image_kind": data.images.kind,
         "evaluation": dataclasses.asdict(task.evaluation),
+        "init": req.init,
     }
     meta["data"] = _data_identity(train_recs)
     if req.resume:
@@ -252,11 +270,34 @@ def _check_resumable(run_dir: Path, meta: dict, cfg: TrainConfig, accept: bool) 
     print(f"WARNING: resuming {run_dir} with changes: {listing}{more}", file=sys.stderr)
 
 
-def _initialise(model: TaskModel, req: TrainRequest) -> None:
-    if req.init:
-        from vlpipe.fusion.lxmert import load_lxmert_weights
+def _answer_vocab(req: TrainRequest, task: Task, records) -> AnswerVocab:
+    """--answers as given, else the vocabulary counted from the training records."""
+    if req.answers is None:
+        return build_vocab(task, records, req.min_answer_count or task.min_count)
+    from vlpipe.fusion.answer_tables import read_answer_list
 
-        print(load_lxmert_weights(model.fusion, req.init))
+    answers = read_answer_list(req.answers).answers
+    if task.fixed_answers is not None and answers != list(task.fixed_answers):
+        raise ValueError(f"{req.answers}: task {task.name} answers {list(task.fixed_answers)}")
+    return AnswerVocab(answers)
+
+
+def _initialise(model: TaskModel, req: TrainRequest, task: Task, vocab: AnswerVocab) -> None:
+    if req.init:
+        if req.fusion != "lxmert":
+            raise ValueError(f"--init loads LXMERT checkpoints; the fusion is {req.fusion!r}")
+        from vlpipe.pipelines.lxmert_import import initialise_from
+
+        lines = initialise_from(
+            model,
+            req.init,
+            task,
+            vocab.answers,
+            answer_table=req.answer_table,
+            answers_file=req.answers,
+            partial=req.partial_init,
+        )
+        print("\n".join(lines))
     if req.init_bert:
         from vlpipe.fusion.lxmert import load_bert_language
 
@@ -266,7 +307,10 @@ def _initialise(model: TaskModel, req: TrainRequest) -> None:
 def load_run(run_dir: Path) -> tuple[TaskModel, dict[str, Any], Task]:
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
-        raise ckpt.RunError(f"{run_dir}: no checkpoint (is this a `vlpipe train --out` folder?)")
+        raise ckpt.RunError(
+            f"{run_dir}: no checkpoint: neither a `vlpipe train --out` folder nor an LXMERT "
+            "checkpoint (BEST.pth / LAST.pth, a Hugging Face LxmertForQuestionAnswering folder)"
+        )
     meta = ckpt.load_meta(latest)
     task = get_task(meta["task"])
     config = make_fusion_config(meta["fusion"], meta["fusion_config"])
@@ -275,10 +319,26 @@ def load_run(run_dir: Path) -> tuple[TaskModel, dict[str, Any], Task]:
     return model, meta, task
 
 
-def run_dataset(run_dir: Path, spec: DataSpec) -> tuple[TaskModel, Task, TaskDataset, dict]:
-    from vlpipe.fusion.answers import AnswerVocab
+def load_model(
+    path: Path, lxmert: ImportOptions | None = None
+) -> tuple[TaskModel, dict[str, Any], Task]:
+    """A `vlpipe train` run folder, or an LXMERT checkpoint from elsewhere (BEST.pth / LAST.pth
+    of airsplay/lxmert, a Hugging Face LxmertForQuestionAnswering folder)."""
+    from vlpipe.pipelines.lxmert_import import ImportOptions, import_task_model, is_foreign
 
-    model, meta, task = load_run(run_dir)
+    lxmert = lxmert or ImportOptions()
+    if (Path(path) / ckpt.LATEST).exists() or not is_foreign(path):
+        model, meta, task = load_run(path)
+        if lxmert.task is not None and lxmert.task != task.name:
+            raise ValueError(f"{path}: a {task.name} run, not {lxmert.task}")
+        return model, meta, task
+    return import_task_model(path, lxmert)
+
+
+def run_dataset(
+    run_dir: Path, spec: DataSpec, lxmert: ImportOptions | None = None
+) -> tuple[TaskModel, Task, TaskDataset, dict]:
+    model, meta, task = load_model(run_dir, lxmert)
     spec.task = meta["task"]
     task = dataclasses.replace(task, evaluation=spec.evaluation())
     tokenizer = None
@@ -300,7 +360,8 @@ def run_dataset(run_dir: Path, spec: DataSpec) -> tuple[TaskModel, Task, TaskDat
 
 def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
     """Features of another size than the model's are an error; features from another encoder
-    (model, weights, seed, preprocessing, ...) than training used give a loud warning each."""
+    (model, weights, seed, preprocessing, ...) than training used give a loud warning each.
+    An LXMERT checkpoint trained elsewhere records no caches: only the sizes are compared."""
     dims = fusion_dims(meta["fusion"], data.images, data.texts, 0)
     for key, value in dims.items():
         trained = meta["fusion_config"].get(key)
@@ -310,6 +371,8 @@ def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
                 f"{caches}: features of size {value} for {key}, the model in the run was "
                 f"trained on {trained}"
             )
+    if meta.get("caches") is None:
+        return []
     warnings = []
     for kind, caches in (("image", data.images), ("text", data.texts)):
         trained = encoder_identity((meta.get("caches") or {}).get(kind))
@@ -324,10 +387,16 @@ def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
     return warnings
 
 
-def run_evaluate(run_dir: Path, spec: DataSpec, batch_size: int = 256, device: str = "auto"):
+def run_evaluate(
+    run_dir: Path,
+    spec: DataSpec,
+    batch_size: int = 256,
+    device: str = "auto",
+    lxmert: ImportOptions | None = None,
+):
     """(metrics, predictions); the metrics carry "warnings" when the caches' encoder differs
     from the one the run was trained on."""
-    model, task, data, meta = run_dataset(run_dir, spec)
+    model, task, data, meta = run_dataset(run_dir, spec, lxmert)
     results, preds = evaluate(model, task, data, batch_size, resolve_device(device))
     if meta["warnings"]:
         results = dict(results, warnings=meta["warnings"])
@@ -335,10 +404,16 @@ def run_evaluate(run_dir: Path, spec: DataSpec, batch_size: int = 256, device: s
 
 
 def run_predict(
-    run_dir: Path, spec: DataSpec, out: Path | None, batch_size: int = 256, device: str = "auto"
+    run_dir: Path,
+    spec: DataSpec,
+    out: Path | None,
+    batch_size: int = 256,
+    device: str = "auto",
+    lxmert: ImportOptions | None = None,
 ) -> Path:
-    model, task, data, meta = run_dataset(run_dir, spec)
+    model, task, data, meta = run_dataset(run_dir, spec, lxmert)
     for warning in meta["warnings"]:
         print(f"WARNING: {warning}", file=sys.stderr)
     preds = predict(model, task, data, batch_size, resolve_device(device))
-    return task.write_predictions(out or run_dir / task.submission_name, preds)
+    folder = run_dir if run_dir.is_dir() else run_dir.parent  # beside a BEST.pth
+    return task.write_predictions(out or folder / task.submission_name, preds)

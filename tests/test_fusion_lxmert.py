@@ -302,8 +302,11 @@ def original_checkpoint(source: LxmertModel) -> dict[str, torch.Tensor]:
         "module.obj_predict_head.decoder_dict.attr.weight": (400, h),
         "module.obj_predict_head.decoder_dict.feat.weight": (source.config.visual_feat_dim, h),
         "module.answer_head.logit_fc.0.weight": (2 * h, h),
+        "module.answer_head.logit_fc.0.bias": (2 * h,),
         "module.answer_head.logit_fc.2.weight": (2 * h,),
+        "module.answer_head.logit_fc.2.bias": (2 * h,),
         "module.answer_head.logit_fc.3.weight": (9500, 2 * h),
+        "module.answer_head.logit_fc.3.bias": (9500,),
     }
     out.update({k: torch.randn(shape) for k, shape in heads.items()})
     return out
@@ -340,22 +343,27 @@ def test_load_original_lxrt_checkpoint(tmp_path):
     report = load_lxmert_weights(model, path, strict=True)
     assert report.layout == "original"
     assert len(report.loaded) == len(model.lxmert.state_dict())
-    assert len(report.ignored) == 12 and "answer_head.logit_fc.3.weight" in report.ignored
+    assert len(report.ignored) == 15 and "answer_head.logit_fc.3.weight" in report.ignored
     batch = make_batch()
     with torch.no_grad():
         expected = source(**stock_inputs(batch)).pooled_output
     torch.testing.assert_close(pooled_of(model, batch), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_shape_mismatch_names_the_file(tmp_path):
+def test_other_feature_size_is_refused_unless_partial(tmp_path):
     state = {
         f"lxmert.{k}": v for k, v in LxmertModel(tiny().to_transformers()).state_dict().items()
     }
     state["lxmert.encoder.visn_fc.visn_fc.weight"] = torch.zeros(32, 2048)  # 2048-d features
     path = tmp_path / "wrong_feat_dim.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(WeightsError, match=r"wrong_feat_dim\.safetensors.*visn_fc\.visn_fc"):
+    with pytest.raises(WeightsError, match=r"wrong_feat_dim\.safetensors.*visual_feat_dim 2048"):
         load_lxmert_weights(LxmertFusion(tiny()), path)
+    # partial: everything else loads, the misshapen tensor is reported and keeps its init
+    report = load_lxmert_weights(LxmertFusion(tiny()), path, partial=True)
+    assert report.skipped == ["lxmert.encoder.visn_fc.visn_fc.weight"]
+    assert report.missing == ["encoder.visn_fc.visn_fc.weight"]
+    assert "visual_feat_dim 2048 (file) vs 16 (model)" in str(report)
 
 
 def test_missing_tensors_are_reported_and_strict_refuses_them(tmp_path):
@@ -364,12 +372,14 @@ def test_missing_tensors_are_reported_and_strict_refuses_them(tmp_path):
     state["encoder.x_layers.7.lang_inter.dense.weight"] = torch.zeros(1)
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    report = load_lxmert_weights(LxmertFusion(tiny()), path)
+    with pytest.raises(WeightsError, match=r"partial\.pth.*x_layers 8 \(file\) vs 1 \(model\)"):
+        load_lxmert_weights(LxmertFusion(tiny()), path)
+    report = load_lxmert_weights(LxmertFusion(tiny()), path, partial=True)
     assert report.missing == ["pooler.dense.bias", "pooler.dense.weight"]
     assert report.unexpected == ["encoder.x_layers.7.lang_inter.dense.weight"]
     assert "2 missing" in str(report) and "1 unexpected" in str(report)
     with pytest.raises(WeightsError, match="strict"):
-        load_lxmert_weights(LxmertFusion(tiny()), path, strict=True)
+        load_lxmert_weights(LxmertFusion(tiny()), path, strict=True, partial=True)
 
 
 def test_not_an_lxmert_checkpoint(tmp_path):
