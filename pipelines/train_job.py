@@ -255,7 +255,8 @@ def _check_resumable(run_dir: Path, meta: dict, cfg: TrainConfig, accept: bool) 
     if latest is None:
         raise ckpt.RunError(f"{run_dir}: nothing to resume (no checkpoint)")
     saved = ckpt.load_meta(latest)
-    was = run_identity(saved, saved.get("train", {}))
+    # a field added to TrainConfig after the run was written had its default then
+    was = run_identity(saved, {**dataclasses.asdict(TrainConfig()), **saved.get("train", {})})
     now = run_identity(meta, dataclasses.asdict(cfg))
     changed = {k: (was.get(k), now.get(k)) for k in sorted(was.keys() | now.keys())}
     changed = {k: v for k, v in changed.items() if v[0] != v[1]}

@@ -1,0 +1,17 @@
+"""The base of every error meant for users.
+
+The command line turns a `VlpipeError` into one line naming the file, option or record at
+fault, and exit status 1; any other exception is a bug and keeps its traceback. The subclasses
+also derive from the built-in error they refine (ValueError, RuntimeError), so code catching
+those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class VlpipeError(Exception):
+    """An error in the user's input or environment, with a message that says what to do."""
+
+
+class ConfigError(VlpipeError, ValueError):
+    """An option or config-file value that is not allowed; the message names the option."""
