@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,22 +17,73 @@ from torch import nn
 
 from vlpipe.fusion.heads import ClassifierHead
 
-# name -> (module, config class, model class); imported lazily.
-FUSIONS: dict[str, tuple[str, str, str]] = {
-    "concat": ("vlpipe.fusion.concat", "ConcatConfig", "ConcatFusion"),
-    "lstm": ("vlpipe.fusion.concat", "LstmConcatConfig", "LstmConcatFusion"),
-    "lxmert": ("vlpipe.fusion.lxmert", "LxmertFusionConfig", "LxmertFusion"),
-    "cross": ("vlpipe.fusion.cross", "CrossFusionConfig", "CrossFusion"),
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """What a fusion is: its config and model classes (imported lazily), the config fields it
+    takes from the caches it trains on, a tiny config for tests, and one line of help.
+
+    inputs: config field -> the width it is set to: "image_feats" (regions / patches / grid
+    cells), "image_cls" (the pooled image vector), "text" (the text cache's features) or
+    "vocab" (the tokenizer's size)."""
+
+    module: str
+    config: str
+    model: str
+    inputs: dict[str, str]
+    tiny: dict[str, Any]
+    help: str
+
+    def classes(self) -> tuple[type, type]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config), getattr(mod, self.model)
+
+
+FUSIONS: dict[str, FusionSpec] = {
+    "concat": FusionSpec(
+        "vlpipe.fusion.concat",
+        "ConcatConfig",
+        "ConcatFusion",
+        {"image_dim": "image_cls", "text_dim": "text"},
+        {},
+        "image CLS / pooled CNN + text CLS, concatenated (the transformer-exclusive paper)",
+    ),
+    "lstm": FusionSpec(
+        "vlpipe.fusion.concat",
+        "LstmConcatConfig",
+        "LstmConcatFusion",
+        {"image_dim": "image_cls", "vocab_size": "vocab"},
+        {"embed_dim": 8, "hidden": 8},
+        "image CLS + a trainable LSTM over word embeddings (the paper's ViT+LSTM)",
+    ),
+    "lxmert": FusionSpec(
+        "vlpipe.fusion.lxmert",
+        "LxmertFusionConfig",
+        "LxmertFusion",
+        {"visual_feat_dim": "image_feats", "vocab_size": "vocab"},
+        {"hidden": 32, "heads": 2, "intermediate": 64, "l_layers": 1, "r_layers": 1, "x_layers": 1},
+        "LXMERT: language 9 / object-relationship 5 / cross-modality 5 layers",
+    ),
+    "cross": FusionSpec(
+        "vlpipe.fusion.cross",
+        "CrossFusionConfig",
+        "CrossFusion",
+        {"visual_feat_dim": "image_feats", "text_dim": "text"},
+        {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32},
+        "cached BERT token features + k LXMERT cross-modality layers",
+    ),
 }
 IMAGE_PREFIX = "image_"
 
 
-def fusion_classes(name: str) -> tuple[type, type]:
+def fusion_spec(name: str) -> FusionSpec:
     if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; known: {sorted(FUSIONS)}")
-    module, config_cls, model_cls = FUSIONS[name]
-    mod = importlib.import_module(module)
-    return getattr(mod, config_cls), getattr(mod, model_cls)
+        raise ValueError(f"unknown fusion {name!r}; known: {', '.join(FUSIONS)}")
+    return FUSIONS[name]
+
+
+def fusion_classes(name: str) -> tuple[type, type]:
+    return fusion_spec(name).classes()
 
 
 def make_fusion_config(name: str, values: dict[str, Any]):
@@ -46,6 +98,13 @@ def make_fusion_config(name: str, values: dict[str, Any]):
 
 def fusion_needs(name: str) -> tuple[str, ...]:
     return fusion_classes(name)[1].needs
+
+
+def fusion_inputs(name: str, widths: dict[str, int | None]) -> dict[str, int]:
+    """The config values a fusion takes from its inputs, from the widths {"image_feats",
+    "image_cls", "text", "vocab"} of the caches and tokenizer (None where absent)."""
+    spec = fusion_spec(name)
+    return {field: widths[source] for field, source in spec.inputs.items() if widths[source]}
 
 
 class TaskModel(nn.Module):

@@ -9,7 +9,8 @@ easy-vqa  13-way cross-entropy, accuracy overall and per answer type (yes/no, co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,13 +46,46 @@ class EvalOptions:
 
 
 @dataclass(frozen=True)
+class Submission:
+    """The prediction file the task's official evaluator / server reads."""
+
+    name: str  # default file name in a run folder
+    write: Callable[[Path, dict], None]
+    read: Callable[[Path], dict]
+
+
+_JSON_VQA = Submission(
+    "predictions.json", submission.write_vqa_submission, submission.read_vqa_submission
+)
+# easy-VQA has no official server: the GQA-style list is the plain one
+_JSON_GQA = Submission(
+    "predictions.json", submission.write_gqa_submission, submission.read_gqa_submission
+)
+_CSV_NLVR2 = Submission(
+    "predictions.csv", submission.write_nlvr2_predictions, submission.read_nlvr2_predictions
+)
+
+
+@dataclass(frozen=True)
 class Task:
+    """What a task is: its loss, answer rule, annotation format, evaluator and submission.
+
+    answer_set: the fixed answers (a tuple, or a function giving them, for answers read from an
+    installed package), or None when the vocabulary is counted from the training answers."""
+
     name: str
     loss: str  # "bce" (soft scores) | "ce" (one class)
     images_per_example: int = 1
-    fixed_answers: tuple[str, ...] | None = None
+    answer_set: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     min_count: int = 1
+    default_format: str = ""
+    submission: Submission = _JSON_GQA
+    help: str = ""
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+
+    @property
+    def fixed_answers(self) -> tuple[str, ...] | None:
+        return self.answer_set() if callable(self.answer_set) else self.answer_set
 
     @property
     def headline(self) -> str:
@@ -110,19 +144,15 @@ class Task:
         return {qid: metrics.GqaChoices(*sets) for qid, sets in table.items()}
 
     def write_predictions(self, path: Path, preds: dict[str, str]) -> Path:
-        writer = {
-            "vqa": submission.write_vqa_submission,
-            "gqa": submission.write_gqa_submission,
-            "nlvr2": submission.write_nlvr2_predictions,
-        }.get(self.name)
-        if writer is None:  # easy-VQA has no official server: the GQA-style list is plain
-            writer = submission.write_gqa_submission
-        writer(path, preds)
+        self.submission.write(path, preds)
         return path
+
+    def read_predictions(self, path: Path) -> dict:
+        return self.submission.read(path)
 
     @property
     def submission_name(self) -> str:
-        return {"nlvr2": "predictions.csv"}.get(self.name, "predictions.json")
+        return self.submission.name
 
 
 def _vqa_question(rec: TextRecord) -> metrics.VqaQuestion:
@@ -167,17 +197,36 @@ def _easy_vqa_answers() -> tuple[str, ...]:
     return tuple(easy_vqa_answers())
 
 
+TASKS: dict[str, Task] = {
+    "vqa": Task(
+        "vqa",
+        "bce",
+        min_count=9,
+        default_format="vqa",
+        submission=_JSON_VQA,
+        help="VQA v2: BCE on soft scores, vqaEval.py accuracy",
+    ),
+    "gqa": Task("gqa", "ce", default_format="gqa", help="GQA: cross-entropy, GQA eval.py metrics"),
+    "nlvr2": Task(
+        "nlvr2",
+        "ce",
+        images_per_example=2,
+        answer_set=("False", "True"),
+        default_format="nlvr2",
+        submission=_CSV_NLVR2,
+        help="NLVR2: two images per statement, accuracy and consistency",
+    ),
+    "easy-vqa": Task(
+        "easy-vqa",
+        "ce",
+        answer_set=_easy_vqa_answers,
+        default_format="easy-vqa",
+        help="easy-VQA (PyPI package): 13 answers, accuracy per answer type",
+    ),
+}
+
+
 def get_task(name: str, evaluation: EvalOptions | None = None) -> Task:
-    evaluation = evaluation or EvalOptions()
-    if name == "vqa":
-        return Task("vqa", "bce", min_count=9, evaluation=evaluation)
-    if name == "gqa":
-        return Task("gqa", "ce", evaluation=evaluation)
-    if name == "nlvr2":
-        return Task("nlvr2", "ce", 2, ("False", "True"), evaluation=evaluation)
-    if name == "easy-vqa":
-        return Task("easy-vqa", "ce", fixed_answers=_easy_vqa_answers(), evaluation=evaluation)
-    raise ValueError(f"unknown task {name!r}; known: vqa, gqa, nlvr2, easy-vqa")
-
-
-TASKS = ("vqa", "gqa", "nlvr2", "easy-vqa")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return dataclasses.replace(TASKS[name], evaluation=evaluation or EvalOptions())

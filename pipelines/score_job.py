@@ -10,16 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlpipe.fusion import submission
 from vlpipe.fusion.tasks import get_task
 from vlpipe.pipelines.train_job import DataSpec
-
-_READERS = {
-    "vqa": submission.read_vqa_submission,
-    "gqa": submission.read_gqa_submission,
-    "nlvr2": submission.read_nlvr2_predictions,
-    "easy-vqa": submission.read_gqa_submission,
-}
 
 
 def run_score(spec: DataSpec, predictions: Path) -> dict:
@@ -27,4 +19,4 @@ def run_score(spec: DataSpec, predictions: Path) -> dict:
     records = [r for r in spec.records() if r.labelled]
     if not records:
         raise ValueError(f"{', '.join(map(str, spec.annotations))}: no labelled questions to score")
-    return task.evaluate(_READERS[task.name](predictions), records)
+    return task.evaluate(task.read_predictions(predictions), records)

@@ -16,7 +16,7 @@ from vlpipe.distributed import resolve_device
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset, build_vocab
-from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
+from vlpipe.fusion.model import TaskModel, fusion_inputs, fusion_needs, make_fusion_config
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
 from vlpipe.fusion.train import TrainConfig, evaluate, predict, train
 from vlpipe.provenance import encoder_identity
@@ -45,7 +45,6 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("lstm", "*"): {"lr": 1e-3, "batch_size": 32, "epochs": 25, "weight_decay": 0.0},
     ("cross", "*"): {"lr": 1e-4, "batch_size": 32, "epochs": 4, "grad_clip": 5.0},
 }
-DEFAULT_FORMAT = {"vqa": "vqa", "gqa": "gqa", "nlvr2": "nlvr2", "easy-vqa": "easy-vqa"}
 
 
 def preset(fusion: str, task: str) -> dict[str, Any]:
@@ -68,7 +67,7 @@ class DataSpec:
 
     @property
     def format(self) -> str:
-        return self.annotations_format or DEFAULT_FORMAT[self.task]
+        return self.annotations_format or get_task(self.task).default_format
 
     def records(self):
         from vlpipe.data_manifests.registry import read_texts
@@ -112,17 +111,18 @@ def build_dataset(
     )
 
 
+def cache_widths(images: CacheSet, texts: CacheSet | None, vocab_size: int | None) -> dict:
+    """The feature widths a fusion's config can be set from (see FusionSpec.inputs)."""
+    fields = images.fields
+    feat = fields.get("image_feats", fields.get("image_cls"))[0][-1]
+    cls = fields.get("image_cls", fields.get("image_feats"))[0][-1]
+    text = texts.fields.get("text_cls", texts.fields.get("text_feats"))[0][-1] if texts else None
+    return {"image_feats": feat, "image_cls": cls, "text": text, "vocab": vocab_size}
+
+
 def fusion_dims(fusion: str, images: CacheSet, texts: CacheSet | None, vocab_size: int) -> dict:
     """Config values a fusion model takes from the caches it trains on."""
-    feat = images.fields.get("image_feats", images.fields.get("image_cls"))[0][-1]
-    cls = images.fields.get("image_cls", images.fields.get("image_feats"))[0][-1]
-    text = texts.fields.get("text_cls", texts.fields.get("text_feats"))[0][-1] if texts else None
-    return {
-        "concat": {"image_dim": cls, "text_dim": text},
-        "lstm": {"image_dim": cls, "vocab_size": vocab_size},
-        "lxmert": {"visual_feat_dim": feat, "vocab_size": vocab_size},
-        "cross": {"visual_feat_dim": feat, "text_dim": text},
-    }[fusion]
+    return fusion_inputs(fusion, cache_widths(images, texts, vocab_size))
 
 
 @dataclass
