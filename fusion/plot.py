@@ -1,44 +1,31 @@
-"""Training curves as a PNG, drawn with PIL so that no plotting library is required."""
+"""Training curves as a PNG, drawn with matplotlib (the Agg backend: no display needed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-PANEL_W, PANEL_H, MARGIN = 480, 240, 48
+PANEL_W, PANEL_H, DPI = 480, 240, 100  # pixels per panel
 
 
 def line_plots(path: Path, series: dict[str, tuple[list[float], list[float]]]) -> Path:
-    """One panel per series {name: (xs, ys)}, stacked vertically, with min/max labels on both
-    axes; a series of a few points (validation after each epoch) is drawn with markers."""
-    img = Image.new("RGB", (PANEL_W, PANEL_H * len(series)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        _panel(draw, i * PANEL_H, name, xs, ys)
+    """One panel per series {name: (xs, ys)}, stacked vertically, sharing the step axis; a
+    series of a few points (validation after each epoch) is drawn with markers."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    size = (PANEL_W / DPI, PANEL_H * len(series) / DPI)
+    fig, axes = plt.subplots(len(series), 1, figsize=size, dpi=DPI, sharex=True, squeeze=False)
+    for ax, (name, (xs, ys)) in zip(axes[:, 0], series.items(), strict=True):
+        ax.plot(xs, ys, marker="o" if len(xs) <= 50 else None, markersize=3, linewidth=1.5)
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step", fontsize=8)
+    fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    plt.close(fig)
     tmp.replace(path)
     return path
-
-
-def _panel(draw: ImageDraw.ImageDraw, top: int, name: str, xs, ys) -> None:
-    left, right = MARGIN, PANEL_W - 12
-    y0, y1 = top + 24, top + PANEL_H - 28
-    draw.rectangle([left, y0, right, y1], outline="black")
-    draw.text((left, top + 6), name, fill="black")
-    lo, hi = min(ys), max(ys)
-    span_y, span_x = (hi - lo) or 1.0, (max(xs) - min(xs)) or 1.0
-    points = [
-        (left + (x - min(xs)) / span_x * (right - left), y1 - (y - lo) / span_y * (y1 - y0))
-        for x, y in zip(xs, ys, strict=True)
-    ]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=2)
-    if len(points) <= 50:
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
-    draw.text((4, y0), f"{hi:.3g}", fill="black")
-    draw.text((4, y1 - 10), f"{lo:.3g}", fill="black")
-    draw.text((left, y1 + 4), f"step {min(xs):g}", fill="black")
-    draw.text((right - 70, y1 + 4), f"step {max(xs):g}", fill="black")

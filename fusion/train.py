@@ -456,7 +456,7 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 def plot_curves(csv_path: Path, png_path: Path) -> None:
     """Loss and learning rate against step, and the validation metric after each evaluation
-    (from eval_log.jsonl beside the CSV), drawn with PIL (no plotting dependency)."""
+    (from eval_log.jsonl beside the CSV), drawn with matplotlib."""
     from vlpipe.fusion.plot import line_plots
 
     with open(csv_path) as fh:
