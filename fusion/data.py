@@ -47,6 +47,10 @@ class CacheSet:
     def names(self) -> str:
         return ", ".join(str(c.path) for c in self.caches)
 
+    def failures(self) -> dict[str, str]:
+        """{key: reason} of the items that failed at extraction, over all caches."""
+        return {key: reason for c in self.caches for key, _path, reason in c.failures}
+
     def missing(self, keys: Sequence[str]) -> list[str]:
         found = np.zeros(len(keys), dtype=bool)
         for cache in self.caches:
@@ -125,12 +129,34 @@ class TaskDataset(Dataset):
         needs: Sequence[str],
         tokenizer=None,
         max_length: int = 20,
+        skip_missing: bool = False,
     ):
         self.task, self.records, self.images, self.texts = task, list(records), images, texts
         self.vocab, self.needs = vocab, tuple(needs)
         self.grid = _grid_of(images)
+        self.skipped: dict[str, str] = self._drop_missing() if skip_missing else {}
         self.text_ids = self._tokenize(tokenizer, max_length) if "text_ids" in needs else None
         self.check()
+
+    def _drop_missing(self) -> dict[str, str]:
+        """Drop the records whose features are not in the caches; {record key: why}."""
+        image_keys = list(dict.fromkeys(k for r in self.records for k in r.image_keys))
+        why = {k: "image not in the caches" for k in self.images.missing(image_keys)}
+        failed = self.images.failures()
+        why.update({k: f"image failed at extraction: {failed[k]}" for k in why if k in failed})
+        if self.texts is not None and set(self.needs) & {*TEXT_FIELDS, "text_ids"}:
+            texts_missing = set(self.texts.missing([r.key for r in self.records]))
+        else:
+            texts_missing = set()
+        skipped = {}
+        for rec in self.records:
+            lost = [why[k] for k in rec.image_keys if k in why]
+            if rec.key in texts_missing:
+                lost.append("text not in the caches")
+            if lost:
+                skipped[rec.key] = "; ".join(lost)
+        self.records = [r for r in self.records if r.key not in skipped]
+        return skipped
 
     def _tokenize(self, tokenizer, max_length: int) -> dict[str, np.ndarray] | None:
         if tokenizer is None:

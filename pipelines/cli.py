@@ -386,6 +386,9 @@ def train(
         False, help="replace an earlier run in --out (only the files vlpipe wrote)"
     ),
     vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
+    skip_missing: bool = typer.Option(
+        False, help="leave out examples whose features are missing (reported, with the reason)"
+    ),
     progress: bool = typer.Option(True),
 ) -> None:
     """Train a fusion model and task head from cached features."""
@@ -408,6 +411,7 @@ def train(
         train_spec = _spec(
             task, features, text_features, annotations, annotations_format, split, limit, vqa_eval
         )
+        train_spec.skip_missing = skip_missing
         val_spec = None
         if val_annotations or val_split:
             val_spec = _spec(
@@ -420,6 +424,7 @@ def train(
                 None,
                 vqa_eval,
             )
+            val_spec.skip_missing = skip_missing
         req = TrainRequest(
             fusion,
             train_spec,

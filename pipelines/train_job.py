@@ -64,6 +64,7 @@ class DataSpec:
     limit: int | None = None
     vqa_eval: str = EvalOptions.vqa_revision
     choices: Path | None = None  # GQA eval.py choices file (validity, plausibility)
+    skip_missing: bool = False  # leave out examples whose features are not in the caches
 
     @property
     def format(self) -> str:
@@ -99,7 +100,7 @@ def build_dataset(
 ) -> TaskDataset:
     images = CacheSet(spec.features)
     texts = CacheSet(spec.text_features) if spec.text_features else None
-    return TaskDataset(
+    data = TaskDataset(
         task,
         records if records is not None else spec.records(),
         images,
@@ -108,7 +109,24 @@ def build_dataset(
         needs,
         tokenizer,
         max_length,
+        skip_missing=spec.skip_missing,
     )
+    if data.skipped:
+        print(skip_report(data.skipped, len(data) + len(data.skipped)), file=sys.stderr)
+    return data
+
+
+def skip_report(skipped: dict[str, str], total: int, examples: int = 3) -> str:
+    """One line per reason: how many examples --skip-missing left out, and why."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(key)
+    lines = [
+        f"--skip-missing: left out {len(skipped)} of {total} examples whose features are missing:"
+    ]
+    for reason, keys in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {len(keys)} x {reason} (e.g. {', '.join(keys[:examples])})")
+    return "\n".join(lines)
 
 
 def cache_widths(images: CacheSet, texts: CacheSet | None, vocab_size: int | None) -> dict:
@@ -202,7 +220,7 @@ def run_train(req: TrainRequest) -> dict[str, Any]:
         "evaluation": dataclasses.asdict(task.evaluation),
         "init": req.init,
     }
-    meta["data"] = _data_identity(train_recs)
+    meta["data"] = _data_identity(data.records)
     if req.resume:
         _check_resumable(req.out, meta, cfg, req.accept_changes)
     req.out.mkdir(parents=True, exist_ok=True)

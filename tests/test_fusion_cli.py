@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_VIT, vlpipe
-from tests.fusion_fixtures import COLORS, QUESTIONS, image_cache, text_cache
+from tests.fusion_fixtures import COLORS, QUESTIONS, gqa_color_task, image_cache, text_cache
 from vlpipe.data_manifests.base import TextRecord
 
 
@@ -348,3 +348,38 @@ def test_easy_vqa_slice_beats_the_majority_answer(tmp_path, minilm_dir):
     results = run_train(req)
     majority = Counter(r.answers[0] for r in test_recs).most_common(1)[0][1] / len(test_recs)
     assert results["accuracy"] > 100 * majority + 10, (results, majority)
+
+
+def test_skip_missing_trains_on_the_examples_with_features(tmp_path):
+    from vlpipe.cache import CacheWriter, FeatureCache
+
+    data = gqa_color_task(tmp_path)
+    questions = json.loads((tmp_path / "q.json").read_text())
+    # one image that failed at extraction (recorded in its own cache), one never extracted
+    failed = tmp_path / "failed.h5"
+    schema = FeatureCache(tmp_path / "img.h5").schema
+    with CacheWriter(failed, schema, {"backbone": "vit"}) as writer:
+        writer.add_failure("img50", "/data/img50.png", "truncated file")
+    questions["x1"] = {"imageId": "img50", "question": QUESTIONS[0], "answer": "red"}
+    questions["x2"] = {"imageId": "img99", "question": QUESTIONS[0], "answer": "red"}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    refused = vlpipe("train", *data, "--features", failed, "--out", tmp_path / "a", code=1)
+    assert "img99" in refused.output
+    out = vlpipe(
+        "train",
+        *data,
+        "--features",
+        failed,
+        "--skip-missing",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        tmp_path / "b",
+    )
+    assert "left out 2 of 26 examples" in out.output
+    # (the two questions are not in the text cache either)
+    assert (
+        "image failed at extraction: truncated file; text not in the caches (e.g. x1)" in out.output
+    )
+    assert "image not in the caches; text not in the caches (e.g. x2)" in out.output

@@ -591,7 +591,9 @@ class FeatureCache:
 
     def contains(self, keys: Sequence[str]) -> np.ndarray:
         """Vectorised `key in cache` for many keys (bool array)."""
-        return self._find(keys)[1] if len(keys) else np.zeros(0, dtype=bool)
+        if not len(keys) or not len(self._sorted_keys):  # a cache may hold only failures
+            return np.zeros(len(keys), dtype=bool)
+        return self._find(keys)[1]
 
     def _find(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(position in sorted order, found?) of each key."""
