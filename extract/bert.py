@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vlpipe.extract.base import Extractor
-from vlpipe.tokenizer import bert_tokenizer, default_vocab
+from vlpipe.tokenizer import MAX_LENGTH, bert_tokenizer, default_vocab
 from vlpipe.weights import WeightsError, load_into, read_state_dict
 
 DEFAULT_ARCH = "bert-base-uncased"  # BertConfig() defaults are exactly bert-base-uncased
@@ -98,7 +98,7 @@ def build_bert(
     *,
     arch: str | None,
     weights: str | None,
-    max_length: int = 32,
+    max_length: int = MAX_LENGTH,
     model_kwargs: dict[str, Any],
     vocab: str | None = None,
     patches: bool = True,

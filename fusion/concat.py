@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlpipe.tokenizer import BERT_VOCAB_SIZE
+
 
 @dataclass
 class ConcatConfig:
@@ -39,7 +41,7 @@ class ConcatFusion(nn.Module):
 @dataclass
 class LstmConcatConfig:
     image_dim: int = 768
-    vocab_size: int = 30522
+    vocab_size: int = BERT_VOCAB_SIZE
     embed_dim: int = 300
     hidden: int = 768
     normalize: bool = True

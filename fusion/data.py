@@ -20,6 +20,7 @@ from vlpipe.cache import FeatureCache
 from vlpipe.data_manifests.base import TextRecord
 from vlpipe.fusion.answers import AnswerVocab, target_scores
 from vlpipe.fusion.tasks import Task
+from vlpipe.tokenizer import MAX_LENGTH
 
 IMAGE_FIELDS = ("image_feats", "image_boxes", "image_mask", "image_cls")
 TEXT_FIELDS = ("text_feats", "text_mask", "text_cls")
@@ -128,7 +129,7 @@ class TaskDataset(Dataset):
         vocab: AnswerVocab,
         needs: Sequence[str],
         tokenizer=None,
-        max_length: int = 20,
+        max_length: int = MAX_LENGTH,
         skip_missing: bool = False,
     ):
         self.task, self.records, self.images, self.texts = task, list(records), images, texts

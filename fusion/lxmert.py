@@ -31,6 +31,7 @@ from transformers import LxmertConfig, LxmertModel
 
 from vlpipe.fusion.attention import language_only_tail, use_sdpa
 from vlpipe.fusion.heads import head_names
+from vlpipe.tokenizer import BERT_VOCAB_SIZE
 from vlpipe.weights import WeightsError, read_state_dict
 
 
@@ -42,7 +43,7 @@ class LxmertFusionConfig:
     hidden: int = 768
     heads: int = 12
     intermediate: int = 3072
-    vocab_size: int = 30522
+    vocab_size: int = BERT_VOCAB_SIZE
     visual_feat_dim: int = 2048
     visual_pos_dim: int = 4  # normalised xyxy boxes, as LXMERT was pre-trained with
     dropout: float = 0.1

@@ -13,14 +13,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from vlpipe.data_manifests.base import TextRecord
 from vlpipe.fusion import metrics, submission
 from vlpipe.fusion.answers import AnswerVocab, preprocess_answer, target_scores
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # target of an example whose answer is outside the vocabulary
 
@@ -111,6 +113,8 @@ class Task:
         return np.array([IGNORE if i is None else i for i in index], dtype=np.int64)
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F  # noqa: N812 - lazy: the CLI reads this module for --help
+
         if self.loss == "bce":
             # LXMERT scales the mean BCE by the number of answers (a sum over answers per example)
             return F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]

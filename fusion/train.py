@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,33 +30,8 @@ from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.optim import BertAdam, warmup_linear_schedule
 from vlpipe.fusion.tasks import Task
+from vlpipe.fusion.train_config import TrainConfig
 from vlpipe.io import write_text_atomic
-
-# adamw: AdamW, no decay on biases / norms, linear warm-up then decay (the default).
-# bertadam: BertAdam on all parameters with warmup_linear, as LXMERT's `--optim bert` recipes.
-OPTIMIZERS = ("adamw", "bertadam")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 4
-    batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    grad_clip: float = 5.0
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
-    ckpt_every: int = 0  # steps between checkpoints; 0 = end of each epoch only
-    device: str = "auto"
-    amp: bool = True  # only takes effect on CUDA
-    max_steps: int = 0  # stop after this many steps (0 = all epochs); for tests and smoke runs
-    optimizer: str = "adamw"  # adamw | bertadam (see OPTIMIZERS)
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {list(OPTIMIZERS)}")
 
 
 class EpochOrder(Sampler[int]):

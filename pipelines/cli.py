@@ -307,199 +307,62 @@ def _json_option(text: str, name: str) -> dict:
     return value
 
 
-VQA_EVAL_HELP = (
-    "vqaEval.py revision for official VQA annotations: 2021 (current master, default) | 2016 "
-    "(the one behind results published before 2021)"
-)
-CHOICES_HELP = "GQA eval.py choices file ({split}_choices.json): adds validity and plausibility"
+# --------------------------------------------------------------------------------------------
+# Stage two: commands generated from their job configs (pipelines/configs.py)
+# --------------------------------------------------------------------------------------------
+def _job_commands() -> None:
+    from vlpipe.pipelines import configs
+    from vlpipe.pipelines.options import command
+
+    json_flag = [("as_json", bool, typer.Option(False, "--json", help="machine-readable output"))]
+    command(app, "train", configs.TrainJob, _train, help=TRAIN_HELP, prefixes=TRAIN_PREFIXES)
+    command(app, "evaluate", configs.EvaluateJob, _evaluate, help=EVALUATE_HELP, extra=json_flag)
+    command(app, "predict", configs.PredictJob, _predict, help=PREDICT_HELP)
+    command(app, "score", configs.ScoreJob, _score, help=SCORE_HELP, extra=json_flag)
 
 
-def _spec(
-    task, features, text_features, annotations, fmt, split, limit, vqa_eval="2021", choices=None
-):
-    from vlpipe.pipelines.train_job import DataSpec
-
-    return DataSpec(
-        task,
-        list(features),
-        list(text_features),
-        list(annotations),
-        fmt,
-        split,
-        limit,
-        vqa_eval,
-        choices,
-    )
+TRAIN_PREFIXES = {"val": "val-"}
+TRAIN_HELP = "Train a fusion model and task head from cached features."
+EVALUATE_HELP = "Print the official metrics of a trained run on a labelled split."
+PREDICT_HELP = "Write the official submission file: VQA / GQA json, NLVR2 csv."
+SCORE_HELP = "Score a predictions file with the official metrics (no model, no caches)."
 
 
-@app.command()
-def train(
-    features: list[Path] = typer.Option(..., help="image feature cache(s), repeatable"),
-    task: str = typer.Option(..., help="vqa | gqa | nlvr2 | easy-vqa"),
-    out: Path = typer.Option(..., help="run folder (checkpoints, logs, curves)"),
-    fusion: str = typer.Option("concat", help="concat | lstm | lxmert | cross"),
-    text_features: list[Path] = typer.Option([], help="text feature cache(s) (concat, cross)"),
-    annotations: list[Path] = typer.Option([], help="training annotation file(s)"),
-    annotations_format: str = typer.Option(
-        None, help="vqa | gqa | nlvr2 | lxmert | easy-vqa (default: the task's official format)"
-    ),
-    split: str = typer.Option("train", help="split name (easy-vqa: train)"),
-    val_features: list[Path] = typer.Option(
-        [], help="validation image caches (default: --features)"
-    ),
-    val_text_features: list[Path] = typer.Option([], help="validation text caches"),
-    val_annotations: list[Path] = typer.Option([], help="validation annotation file(s)"),
-    val_split: str = typer.Option(None, help="validation split (easy-vqa: test)"),
-    limit: int = typer.Option(None, help="first N training examples"),
-    epochs: int = typer.Option(None),
-    batch_size: int = typer.Option(None),
-    lr: float = typer.Option(None),
-    seed: int = typer.Option(None),
-    max_steps: int = typer.Option(None, help="stop after N steps (checkpointed, resumable)"),
-    ckpt_every: int = typer.Option(None, help="checkpoint every N steps (default: per epoch)"),
-    num_workers: int = typer.Option(None),
-    device: str = typer.Option(None),
-    model_config: str = typer.Option("{}", help="JSON overrides, e.g. '{\"l_layers\": 2}'"),
-    train_config: str = typer.Option("{}", help="JSON overrides of TrainConfig fields"),
-    vocab: str = typer.Option(None, help="WordPiece vocab.txt for fusions that tokenize"),
-    max_length: int = typer.Option(20, help="text tokens (lxmert, lstm)"),
-    min_answer_count: int = typer.Option(None, help="answer vocab threshold (VQA: 9)"),
-    init: str = typer.Option(
-        None, help="LXMERT checkpoint: HF folder, Epoch20_LXRT.pth or a task model's BEST.pth"
-    ),
-    init_bert: str = typer.Option(None, help="BERT folder for LXMERT's language layers"),
-    answers: str = typer.Option(
-        None, help="answer vocabulary file, e.g. LXMERT's trainval_label2ans.json"
-    ),
-    answer_table: str = typer.Option(
-        None, help="--init: what names its answer head's rows (all_ans.json: pre-trained head)"
-    ),
-    partial_init: bool = typer.Option(
-        False, help="--init of another architecture: load the tensors that fit"
-    ),
-    optimizer: str = typer.Option(None, help="adamw | bertadam (LXMERT's; default: the preset)"),
-    resume: bool = typer.Option(False, help="continue the run in --out exactly"),
-    accept_changes: bool = typer.Option(
-        False, help="with --resume: continue although settings or features changed"
-    ),
-    overwrite: bool = typer.Option(
-        False, help="replace an earlier run in --out (only the files vlpipe wrote)"
-    ),
-    vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
-    skip_missing: bool = typer.Option(
-        False, help="leave out examples whose features are missing (reported, with the reason)"
-    ),
-    progress: bool = typer.Option(True),
-) -> None:
-    """Train a fusion model and task head from cached features."""
-    from vlpipe.pipelines.train_job import TrainRequest, run_train
+def _resolved(cls, config, sets, flags, prefixes=None):
+    """The job config from --config, --set and the flags; errors name the flags."""
+    from vlpipe.config import resolve
+    from vlpipe.pipelines.options import flag_names, layers
+
+    file_layer, set_layer = layers(config, sets)
+    return resolve(cls, file_layer, set_layer, flags.layer(), names=flag_names(cls, prefixes))
+
+
+def _train(config, sets, flags) -> None:
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines import configs
+    from vlpipe.pipelines.options import flag_names, layers
+    from vlpipe.pipelines.train_job import resolve_train, run_train
 
     try:
-        overrides = _json_option(train_config, "--train-config")
-        flags = {
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seed": seed,
-            "max_steps": max_steps,
-            "ckpt_every": ckpt_every,
-            "num_workers": num_workers,
-            "device": device,
-            "optimizer": optimizer,
-        }
-        overrides.update({k: v for k, v in flags.items() if v is not None})
-        train_spec = _spec(
-            task, features, text_features, annotations, annotations_format, split, limit, vqa_eval
-        )
-        train_spec.skip_missing = skip_missing
-        val_spec = None
-        if val_annotations or val_split:
-            val_spec = _spec(
-                task,
-                val_features or features,
-                val_text_features or text_features,
-                val_annotations,
-                annotations_format,
-                val_split,
-                None,
-                vqa_eval,
-            )
-            val_spec.skip_missing = skip_missing
-        req = TrainRequest(
-            fusion,
-            train_spec,
-            out,
-            val_spec,
-            model_config=_json_option(model_config, "--model-config"),
-            train_overrides=overrides,
-            vocab=vocab,
-            max_length=max_length,
-            min_answer_count=min_answer_count,
-            init=init,
-            init_bert=init_bert,
-            resume=resume,
-            progress=progress,
-            overwrite=overwrite,
-            accept_changes=accept_changes,
-            answers=answers,
-            answer_table=answer_table,
-            partial_init=partial_init,
-        )
-        results = run_train(req)
+        file_layer, set_layer = layers(config, sets)
+        names = flag_names(configs.TrainJob, TRAIN_PREFIXES)
+        job = resolve_train(file_layer, set_layer, flags.layer(), names=names)
+        set_threads(job.threads)
+        results = run_train(job)
     except _user_errors() as err:
         _fail(err)
-    typer.echo(f"{out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
+    typer.echo(f"{job.out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
 
 
-RUN_HELP = (
-    "run folder written by `vlpipe train`, or an LXMERT task checkpoint: BEST.pth / LAST.pth "
-    "of airsplay/lxmert, a Hugging Face LxmertForQuestionAnswering folder"
-)
-TASK_HELP = "LXMERT checkpoint: its task, vqa | gqa | nlvr2"
-ANSWERS_HELP = "LXMERT checkpoint: its answer list, e.g. trainval_label2ans.json"
-VOCAB_HELP = "LXMERT checkpoint: BERT vocab.txt (bert-base-uncased's)"
-
-
-def _lxmert_options(task, answers, vocab):
-    from vlpipe.pipelines.lxmert_import import ImportOptions
-
-    return ImportOptions(task, answers, vocab)
-
-
-@app.command()
-def evaluate(
-    run: Path = typer.Option(..., help=RUN_HELP),
-    features: list[Path] = typer.Option(..., help="image feature cache(s)"),
-    text_features: list[Path] = typer.Option([], help="text feature cache(s)"),
-    annotations: list[Path] = typer.Option([], help="annotation file(s) with answers"),
-    annotations_format: str = typer.Option(None),
-    split: str = typer.Option(None, help="split (easy-vqa: test)"),
-    limit: int = typer.Option(None),
-    vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
-    gqa_choices: Path = typer.Option(None, help=CHOICES_HELP),
-    device: str = typer.Option("auto"),
-    as_json: bool = typer.Option(False, "--json"),
-    task: str = typer.Option(None, help=TASK_HELP),
-    answers: str = typer.Option(None, help=ANSWERS_HELP),
-    vocab: str = typer.Option(None, help=VOCAB_HELP),
-) -> None:
-    """Print the official metrics of a trained run on a labelled split."""
-    from vlpipe.pipelines.train_job import run_evaluate
+def _evaluate(config, sets, flags, as_json: bool) -> None:
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines.configs import EvaluateJob
+    from vlpipe.pipelines.eval_job import run_evaluate
 
     try:
-        spec = _spec(
-            "",
-            features,
-            text_features,
-            annotations,
-            annotations_format,
-            split,
-            limit,
-            vqa_eval,
-            gqa_choices,
-        )
-        lxmert = _lxmert_options(task, answers, vocab)
-        results, _ = run_evaluate(run, spec, device=device, lxmert=lxmert)
+        job = _resolved(EvaluateJob, config, sets, flags)
+        set_threads(job.threads)
+        results, _ = run_evaluate(job)
     except _user_errors() as err:
         _fail(err)
     _print_results(results, as_json)
@@ -516,65 +379,45 @@ def _print_results(results: dict, as_json: bool) -> None:
     typer.echo(json.dumps(results, indent=None if as_json else 2))
 
 
-@app.command()
-def predict(
-    run: Path = typer.Option(..., help=RUN_HELP),
-    features: list[Path] = typer.Option(..., help="image feature cache(s)"),
-    text_features: list[Path] = typer.Option([], help="text feature cache(s)"),
-    annotations: list[Path] = typer.Option([], help="question / statement file(s)"),
-    annotations_format: str = typer.Option(None),
-    split: str = typer.Option(None),
-    out: Path = typer.Option(None, help="submission file (default: RUN/predictions.json|csv)"),
-    device: str = typer.Option("auto"),
-    task: str = typer.Option(None, help=TASK_HELP),
-    answers: str = typer.Option(None, help=ANSWERS_HELP),
-    vocab: str = typer.Option(None, help=VOCAB_HELP),
-) -> None:
-    """Write the official submission file: VQA / GQA json, NLVR2 csv."""
-    from vlpipe.pipelines.train_job import run_predict
+def _predict(config, sets, flags) -> None:
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines.configs import PredictJob
+    from vlpipe.pipelines.eval_job import run_predict
 
     try:
-        spec = _spec("", features, text_features, annotations, annotations_format, split, None)
-        lxmert = _lxmert_options(task, answers, vocab)
-        path = run_predict(run, spec, out, device=device, lxmert=lxmert)
+        job = _resolved(PredictJob, config, sets, flags)
+        set_threads(job.threads)
+        path = run_predict(job)
     except _user_errors() as err:
         _fail(err)
     typer.echo(f"wrote {path}")
 
 
-@app.command()
-def score(
-    task: str = typer.Option(..., help="vqa | gqa | nlvr2 | easy-vqa"),
-    predictions: Path = typer.Option(
-        ..., help="VQA results json, GQA predictions json, NLVR2 csv (as `vlpipe predict` writes)"
-    ),
-    annotations: list[Path] = typer.Option(
-        [], help="annotation file(s), e.g. VQA questions.json then annotations.json"
-    ),
-    annotations_format: str = typer.Option(None, help="vqa | gqa | nlvr2 | lxmert | easy-vqa"),
-    split: str = typer.Option(None, help="split (easy-vqa: test)"),
-    vqa_eval: str = typer.Option("2021", help=VQA_EVAL_HELP),
-    gqa_choices: Path = typer.Option(None, help=CHOICES_HELP),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Score a predictions file with the official metrics (no model, no caches)."""
+def _score(config, sets, flags, as_json: bool) -> None:
+    from vlpipe.pipelines.configs import ScoreJob
     from vlpipe.pipelines.score_job import run_score
 
     try:
-        spec = _spec(
-            task, [], [], annotations, annotations_format, split, None, vqa_eval, gqa_choices
-        )
-        results = run_score(spec, predictions)
+        results = run_score(_resolved(ScoreJob, config, sets, flags))
     except _user_errors() as err:
         _fail(err)
     _print_results(results, as_json)
 
 
 @app.command()
+def presets() -> None:
+    """List the presets shipped with vlpipe (the papers' recipes; `vlpipe train --preset NAME`)."""
+    from vlpipe.pipelines.configs import preset_names
+
+    for name, description in preset_names().items():
+        typer.echo(f"{name:<16} {description}")
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("vlpipe-demo"), help="where caches and the run go"),
     fusion: str = typer.Option("concat", help="concat | lxmert | cross"),
-    epochs: int = typer.Option(5),
+    epochs: int = typer.Option(None, help="default: the demo preset's (5)"),
     vision_weights: str = typer.Option(
         None, help="local timm ViT checkpoint (default: none can be downloaded, so random-init)"
     ),
@@ -639,6 +482,9 @@ def verify(
     )
     if not report.ok:
         raise typer.Exit(1)
+
+
+_job_commands()
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlpipe.extract.runner import RunOptions
 from vlpipe.pipelines.extract_job import ExtractRequest, ResnetOptions, run_extract
-from vlpipe.pipelines.train_job import DataSpec, TrainRequest, run_train
+from vlpipe.pipelines.train_job import resolve_train, run_train
 
 NO_WEIGHTS_NOTE = """\
 note: no pretrained vision weights can be downloaded here, so the demo's {vision} is RANDOM-INIT
@@ -38,8 +38,9 @@ class DemoOptions:
     image_size: int | None = None
     text_weights: str | None = None
     fusion: str = "concat"
-    epochs: int = 5
-    batch_size: int = 128
+    epochs: int | None = None  # None: the demo preset's
+    batch_size: int | None = None
+    extract_batch_size: int = 128
     num_workers: int = 2
     device: str = "auto"
     progress: bool = True
@@ -69,7 +70,7 @@ def _minilm() -> str:
 def _extract(req: ExtractRequest, opts: DemoOptions) -> Path:
     # resume: a re-run reuses a finished cache and completes an interrupted one
     run = RunOptions(
-        batch_size=opts.batch_size,
+        batch_size=opts.extract_batch_size,
         num_workers=opts.num_workers,
         device=opts.device,
         resume=req.out.exists(),
@@ -125,24 +126,32 @@ def run_demo(opts: DemoOptions) -> dict:
         print(note, file=sys.stderr)
     print(f"[1/3] extract: {name} over easy-VQA images, MiniLM BERT over the questions", flush=True)
     paths = extract_all(opts)
-    print(f"[2/3] train: {opts.fusion} fusion from the caches, {opts.epochs} epochs", flush=True)
-    train = DataSpec("easy-vqa", [paths["train"]["image"]], [paths["train"]["text"]], split="train")
-    test = DataSpec("easy-vqa", [paths["test"]["image"]], [paths["test"]["text"]], split="test")
-    req = TrainRequest(
-        opts.fusion,
-        train,
-        opts.workdir / f"run_{opts.fusion}",
-        test,
-        train_overrides={
-            "epochs": opts.epochs,
-            "batch_size": opts.batch_size,
-            "lr": 1e-3,  # a short run on small frozen features: faster than the paper's 1e-4
-            "device": opts.device,
+    print(f"[2/3] train: {opts.fusion} fusion from the caches", flush=True)
+    from vlpipe.pipelines.configs import preset_layer
+
+    _, demo = preset_layer("demo", opts.fusion, "easy-vqa")
+    layer = {
+        "task": "easy-vqa",
+        "fusion": opts.fusion,
+        "out": str(opts.workdir / f"run_{opts.fusion}"),
+        "data": {
+            "features": [str(paths["train"]["image"])],
+            "text_features": [str(paths["train"]["text"])],
+            "split": "train",
         },
-        resume=False,
-        progress=opts.progress,
-    )
-    results = run_train(req)
+        "val": {
+            "features": [str(paths["test"]["image"])],
+            "text_features": [str(paths["test"]["text"])],
+            "split": "test",
+        },
+        "optim": {"device": opts.device},
+        "progress": opts.progress,
+    }
+    for name in ("epochs", "batch_size"):
+        if getattr(opts, name) is not None:
+            layer["optim"][name] = getattr(opts, name)
+    job = resolve_train(demo, layer)
+    results = run_train(job)
     per_type = ", ".join(f"{t} {acc:.1f}%" for t, acc in results.get("perAnswerType", {}).items())
     print(
         f"[3/3] evaluate: easy-VQA test accuracy {results['accuracy']:.2f}% "

@@ -27,9 +27,8 @@ from vlpipe.fusion.lxmert import (
 )
 from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task, get_task
+from vlpipe.tokenizer import MAX_LENGTH
 from vlpipe.weights import WEIGHT_FILES, WeightsError, load_into
-
-MAX_LENGTH = 20  # MAX_VQA_LENGTH / MAX_GQA_LENGTH / NLVR2's, [CLS] and [SEP] included
 
 
 @dataclass

@@ -8,15 +8,15 @@ the figure `vlpipe evaluate` prints for the same predictions.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from vlpipe.fusion.tasks import get_task
-from vlpipe.pipelines.train_job import DataSpec
+from vlpipe.pipelines.configs import ScoreJob
+from vlpipe.pipelines.data import DataSpec
 
 
-def run_score(spec: DataSpec, predictions: Path) -> dict:
+def run_score(job: ScoreJob) -> dict:
+    spec = DataSpec.of(job.task, job.data, job.eval)
     task = get_task(spec.task, spec.evaluation())
     records = [r for r in spec.records() if r.labelled]
     if not records:
         raise ValueError(f"{', '.join(map(str, spec.annotations))}: no labelled questions to score")
-    return task.evaluate(task.read_predictions(predictions), records)
+    return task.evaluate(task.read_predictions(job.predictions), records)

@@ -278,7 +278,6 @@ def test_easy_vqa_slice_beats_the_majority_answer(tmp_path, minilm_dir):
     """Real easy-VQA images through a tiny random ViT, real questions through MiniLM, concat
     fusion trained on 150 images, scored on 50 others."""
     from vlpipe.data_manifests.easy_vqa import read_easy_vqa
-    from vlpipe.pipelines.train_job import DataSpec, TrainRequest, run_train
 
     vlpipe(
         "extract",
@@ -328,24 +327,36 @@ def test_easy_vqa_slice_beats_the_majority_answer(tmp_path, minilm_dir):
     train_recs = [r for r in recs if r.image_keys[0] in train_imgs]
     test_recs = [r for r in recs if r.image_keys[0] in test_imgs]
 
-    class Fixed(DataSpec):
-        def __init__(self, records):
-            super().__init__("easy-vqa", [tmp_path / "img.h5"], [tmp_path / "q.h5"])
-            self._records = records
-
-        def records(self):
-            return self._records
-
+    for name, part in (("train", train_recs), ("test", test_recs)):
+        questions = {
+            r.key: {"imageId": r.image_keys[0], "question": r.text, "answer": r.answers[0]}
+            for r in part
+        }
+        (tmp_path / f"{name}_q.json").write_text(json.dumps(questions))
     torch.manual_seed(0)
-    req = TrainRequest(
-        "concat",
-        Fixed(train_recs),
+    caches = ["--features", tmp_path / "img.h5", "--text-features", tmp_path / "q.h5"]
+    out = vlpipe(
+        "train",
+        "--task",
+        "easy-vqa",
+        *caches,
+        "--annotations-format",
+        "gqa",
+        "--annotations",
+        tmp_path / "train_q.json",
+        "--val-annotations",
+        tmp_path / "test_q.json",
+        "--epochs",
+        6,
+        "--batch-size",
+        64,
+        "--lr",
+        1e-3,
+        "--no-progress",
+        "--out",
         tmp_path / "run",
-        Fixed(test_recs),
-        train_overrides={"epochs": 6, "batch_size": 64, "lr": 1e-3},
-        progress=False,
     )
-    results = run_train(req)
+    results = json.loads(out.output.split("validation: ", 1)[1])
     majority = Counter(r.answers[0] for r in test_recs).most_common(1)[0][1] / len(test_recs)
     assert results["accuracy"] > 100 * majority + 10, (results, majority)
 

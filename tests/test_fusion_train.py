@@ -14,7 +14,7 @@ from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset, grid_boxes
 from vlpipe.fusion.model import TaskModel, make_fusion_config
 from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import TrainConfig, evaluate, train
-from vlpipe.pipelines.train_job import load_run
+from vlpipe.pipelines.eval_job import load_run
 
 CE = Task("color", "ce")
 VOCAB = AnswerVocab(["red", "green", "blue"])

@@ -407,7 +407,8 @@ def data_args(folder) -> list:
 
 def reference_logits(reference, folder, run) -> tuple[list[str], torch.Tensor]:
     """Question keys and the reference model's logits, on the batches vlpipe reads."""
-    from vlpipe.pipelines.train_job import DataSpec, run_dataset
+    from vlpipe.pipelines.data import DataSpec
+    from vlpipe.pipelines.eval_job import run_dataset
 
     spec = DataSpec("", [folder / "img.h5"], annotations=[folder / "q.json"])
     opts = ImportOptions("gqa", str(folder / "label2ans.json"), str(folder / "vocab.txt"))

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from vlpipe.config import resolve
 from vlpipe.fusion.optim import BertAdam, warmup_linear, warmup_linear_schedule
 from vlpipe.fusion.train import TrainConfig, make_optimizer, make_schedule
-from vlpipe.pipelines.train_job import preset
+from vlpipe.pipelines.configs import preset_layer
 
 
 def tiny_net() -> nn.Module:
@@ -68,14 +69,15 @@ def test_bertadam_config_is_one_group_over_all_parameters():
     assert opt.param_groups[0]["lr"] == 0.0 and sched.lr_lambdas[0](1) == 1.0
     adamw = make_optimizer(net, TrainConfig())
     assert isinstance(adamw, torch.optim.AdamW) and len(adamw.param_groups) == 2
-    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
-        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, bertadam; got 'sgd'"):
+        resolve(TrainConfig, {"optimizer": "sgd"})
 
 
 def test_lxmert_presets_use_bertadam():
     for task in ("vqa", "gqa", "nlvr2"):
-        assert preset("lxmert", task)["optimizer"] == "bertadam"
-    assert preset("lxmert", "easy-vqa")["optimizer"] == "adamw"
+        name, layer = preset_layer(None, "lxmert", task)
+        assert name == f"lxmert-{task}" and layer["optim"]["optimizer"] == "bertadam"
+    assert preset_layer(None, "lxmert", "easy-vqa")[1]["optim"]["optimizer"] == "adamw"
 
 
 @pytest.mark.filterwarnings("ignore:This overload of add_ is deprecated")

@@ -15,7 +15,7 @@ from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, TaskDataset
 from vlpipe.fusion.model import FUSIONS, TaskModel, make_fusion_config
 from vlpipe.fusion.tasks import TASKS, get_task
-from vlpipe.pipelines.train_job import fusion_dims
+from vlpipe.pipelines.data import fusion_dims
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,16 @@ def opt(
     minimum: float | None = None,
     maximum: float | None = None,
     cli: bool = True,
+    save: bool = True,
     factory: Callable[[], Any] | None = None,
 ) -> Any:
-    """A config field: its default, its help, and the checks its values must pass.
+    """A config field: its default (none: required), its help, and the checks its values must
+    pass.
 
     flag: the command-line name (default: the field name with dashes); cli=False keeps a field
-    out of the command line (config files only). choices may be a callable, evaluated when
-    checked (registries that import lazily)."""
+    out of the command line (config files only); save=False keeps an action (--resume,
+    --overwrite) out of the saved config. choices may be a callable, evaluated when checked
+    (registries that import lazily)."""
     metadata = {
         "help": help,
         "flag": flag,
@@ -48,6 +51,7 @@ def opt(
         "minimum": minimum,
         "maximum": maximum,
         "cli": cli,
+        "save": save,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -104,8 +108,9 @@ def _parse_yaml(text: str, path: Path) -> Any:
 
 
 def to_toml(config: Any) -> str:
-    """The config as TOML (None values are left out: they mean "the default")."""
-    plain = to_dict(config)
+    """The config as TOML, without its actions (save=False fields); None values are left out
+    (they mean "the default")."""
+    plain = to_dict(config, saved_only=True)
     lines: list[str] = []
     _emit_table(plain, [], lines)
     return "\n".join(lines).lstrip("\n") + "\n"
@@ -155,36 +160,51 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def resolve(cls: type, *layers: Mapping[str, Any], where: str = "config") -> Any:
-    """The config `cls` from the layers (later ones win), every value converted and checked."""
+def resolve(
+    cls: type,
+    *layers: Mapping[str, Any],
+    where: str = "",
+    names: Mapping[tuple[str, ...], str] | None = None,
+) -> Any:
+    """The config `cls` from the layers (later ones win), every value converted and checked.
+
+    Errors name the option as `names` spells its field path (the command line passes its
+    flags, e.g. {("optim", "lr"): "--lr"}), else by its dotted path after `where`."""
     data: dict[str, Any] = {}
     for layer in layers:
         data = merge(data, layer)
-    return _build(cls, data, where)
+    return _build(cls, data, (), where, names or {})
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+def _label(path: tuple[str, ...], where: str, names: Mapping[tuple[str, ...], str]) -> str:
+    if path in names:
+        return names[path]
+    dotted = ".".join(path)
+    return f"{where}: {dotted}" if where else dotted
+
+
+def _build(cls: type, data: Mapping[str, Any], path: tuple[str, ...], where: str, names) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {known}")
+        at = ".".join(path) or where or "config"
+        raise ConfigError(f"{at}: unknown option(s) {', '.join(unknown)}; known: {known}")
     values = {}
     for name, f in fields.items():
+        label = _label((*path, name), where, names)
         if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{label} is required")
             continue
-        label = f"{where}.{name}" if where != "config" else name
         if f.metadata.get("section"):
             if not isinstance(data[name], Mapping):
                 raise ConfigError(f"{label}: expected a section (a table of options)")
-            values[name] = _build(hints[name], data[name], label)
+            values[name] = _build(hints[name], data[name], (*path, name), where, names)
         else:
             values[name] = check(f, hints[name], data[name], label)
-    try:
-        return cls(**values)
-    except TypeError as err:  # a required field without a value
-        raise ConfigError(f"{where}: {err}") from err
+    return cls(**values)
 
 
 def check(f: dataclasses.Field, hint: Any, value: Any, label: str) -> Any:
@@ -274,12 +294,17 @@ def _scalar(hint: Any, value: Any, label: str) -> Any:
     return value
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    """A config (nested dataclasses) as plain TOML / JSON values; paths as strings."""
+def to_dict(config: Any, saved_only: bool = False) -> dict[str, Any]:
+    """A config (nested dataclasses) as plain TOML / JSON values; paths as strings. With
+    `saved_only`, actions (save=False fields) are left out."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if not (saved_only and f.metadata.get("save") is False)
+            }
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, (list, tuple)):

@@ -15,3 +15,7 @@ class VlpipeError(Exception):
 
 class ConfigError(VlpipeError, ValueError):
     """An option or config-file value that is not allowed; the message names the option."""
+
+
+class WeightsError(VlpipeError, RuntimeError):
+    """Weights that are missing, unreadable or do not fit the model; names the file and keys."""

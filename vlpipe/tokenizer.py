@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpipe.weights import WeightsError
+from vlpipe.errors import WeightsError
 
 MIN_VOCAB = 1000  # transformers returns a 5-token vocab for a bad path instead of failing
+MAX_LENGTH = 20  # tokens per text incl. [CLS] / [SEP]: LXMERT's MAX_VQA_LENGTH, the default
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased's WordPiece vocabulary
 
 
 def find_vocab(path: str | Path) -> Path:

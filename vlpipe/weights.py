@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlpipe.errors import WeightsError
+
 WEIGHT_FILES = (
     "model.safetensors",
     "pytorch_model.bin",
@@ -21,10 +23,6 @@ WEIGHT_FILES = (
     "checkpoint.pth",
 )
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema", "module")
-
-
-class WeightsError(RuntimeError):
-    """Weights that are missing, unreadable or do not fit the model; names the file and keys."""
 
 
 def resolve_weights_file(path: str | Path) -> Path:

@@ -1,0 +1,122 @@
+"""What the stage-two jobs share: the examples of a split (DataSpec) read into a TaskDataset
+over its caches, and the feature widths a fusion's config takes from them."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlpipe.fusion.data import CacheSet, TaskDataset
+from vlpipe.fusion.model import fusion_inputs
+from vlpipe.fusion.tasks import EvalOptions, Task, get_task
+from vlpipe.pipelines.configs import DataConfig, EvalConfig
+
+
+@dataclass
+class DataSpec:
+    """Where the examples of one split come from, for one task (a DataConfig section with the
+    task and scoring options it is read and evaluated with)."""
+
+    task: str
+    features: list[Path]
+    text_features: list[Path] = field(default_factory=list)
+    annotations: list[Path] = field(default_factory=list)
+    annotations_format: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    vqa_eval: str = EvalOptions.vqa_revision
+    choices: Path | None = None  # GQA eval.py choices file (validity, plausibility)
+    skip_missing: bool = False  # leave out examples whose features are not in the caches
+
+    @classmethod
+    def of(cls, task: str, data: DataConfig, scoring: EvalConfig | None = None) -> DataSpec:
+        scoring = scoring or EvalConfig()
+        return cls(
+            task,
+            list(data.features),
+            list(data.text_features),
+            list(data.annotations),
+            data.annotations_format,
+            data.split,
+            data.limit,
+            scoring.vqa_eval,
+            scoring.gqa_choices,
+            data.skip_missing,
+        )
+
+    @property
+    def format(self) -> str:
+        return self.annotations_format or get_task(self.task).default_format
+
+    def records(self):
+        from vlpipe.data_manifests.registry import read_texts
+
+        return read_texts(self.format, self.annotations, self.split, self.limit)
+
+    def evaluation(self) -> EvalOptions:
+        """How this data's predictions are scored: LXMERT json by its labels, official files
+        by the official evaluator (with the chosen vqaEval.py revision)."""
+        return EvalOptions(self.vqa_eval, self.format == "lxmert", self.choices)
+
+
+def _tokenizer(vocab: str | None, texts: CacheSet | None):
+    from vlpipe.tokenizer import bert_tokenizer
+
+    if vocab is None and texts is not None:
+        vocab = texts.provenance.get("preprocessing", {}).get("vocab")
+    if vocab is None:
+        from vlpipe.tokenizer import default_vocab
+
+        vocab = default_vocab()
+    if vocab is None:
+        raise ValueError("this fusion tokenizes the texts: pass --vocab PATH/vocab.txt")
+    return bert_tokenizer(vocab), str(vocab)
+
+
+def build_dataset(
+    spec: DataSpec, task: Task, vocab, needs, tokenizer, max_length: int, records=None
+) -> TaskDataset:
+    images = CacheSet(spec.features)
+    texts = CacheSet(spec.text_features) if spec.text_features else None
+    data = TaskDataset(
+        task,
+        records if records is not None else spec.records(),
+        images,
+        texts,
+        vocab,
+        needs,
+        tokenizer,
+        max_length,
+        skip_missing=spec.skip_missing,
+    )
+    if data.skipped:
+        print(skip_report(data.skipped, len(data) + len(data.skipped)), file=sys.stderr)
+    return data
+
+
+def skip_report(skipped: dict[str, str], total: int, examples: int = 3) -> str:
+    """One line per reason: how many examples --skip-missing left out, and why."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(key)
+    lines = [
+        f"--skip-missing: left out {len(skipped)} of {total} examples whose features are missing:"
+    ]
+    for reason, keys in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {len(keys)} x {reason} (e.g. {', '.join(keys[:examples])})")
+    return "\n".join(lines)
+
+
+def cache_widths(images: CacheSet, texts: CacheSet | None, vocab_size: int | None) -> dict:
+    """The feature widths a fusion's config can be set from (see FusionSpec.inputs)."""
+    fields = images.fields
+    feat = fields.get("image_feats", fields.get("image_cls"))[0][-1]
+    cls = fields.get("image_cls", fields.get("image_feats"))[0][-1]
+    text = texts.fields.get("text_cls", texts.fields.get("text_feats"))[0][-1] if texts else None
+    return {"image_feats": feat, "image_cls": cls, "text": text, "vocab": vocab_size}
+
+
+def fusion_dims(fusion: str, images: CacheSet, texts: CacheSet | None, vocab_size: int) -> dict:
+    """Config values a fusion model takes from the caches it trains on."""
+    return fusion_inputs(fusion, cache_widths(images, texts, vocab_size))

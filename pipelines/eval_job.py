@@ -1,0 +1,139 @@
+"""`vlpipe evaluate / predict`: a trained run (or an LXMERT checkpoint from elsewhere) over the
+caches of a split: the official metrics, or the official submission file."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlpipe.distributed import resolve_device
+from vlpipe.fusion import checkpoint as ckpt
+from vlpipe.fusion.answers import AnswerVocab
+from vlpipe.fusion.data import DataMismatch, TaskDataset
+from vlpipe.fusion.model import TaskModel, make_fusion_config
+from vlpipe.fusion.tasks import Task, get_task
+from vlpipe.fusion.train import evaluate, predict
+from vlpipe.pipelines.configs import DataConfig, EvalConfig, EvaluateJob, ModelSource, PredictJob
+from vlpipe.pipelines.data import DataSpec, build_dataset, fusion_dims
+from vlpipe.provenance import encoder_identity
+
+if TYPE_CHECKING:
+    from vlpipe.pipelines.lxmert_import import ImportOptions
+
+
+def load_run(run_dir: Path) -> tuple[TaskModel, dict[str, Any], Task]:
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise ckpt.RunError(
+            f"{run_dir}: no checkpoint: neither a `vlpipe train --out` folder nor an LXMERT "
+            "checkpoint (BEST.pth / LAST.pth, a Hugging Face LxmertForQuestionAnswering folder)"
+        )
+    meta = ckpt.load_meta(latest)
+    task = get_task(meta["task"])
+    config = make_fusion_config(meta["fusion"], meta["fusion_config"])
+    model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)
+    ckpt.load_weights(latest, model)
+    return model, meta, task
+
+
+def load_model(
+    path: Path, lxmert: ImportOptions | None = None
+) -> tuple[TaskModel, dict[str, Any], Task]:
+    """A `vlpipe train` run folder, or an LXMERT checkpoint from elsewhere (BEST.pth / LAST.pth
+    of airsplay/lxmert, a Hugging Face LxmertForQuestionAnswering folder)."""
+    from vlpipe.pipelines.lxmert_import import ImportOptions, import_task_model, is_foreign
+
+    lxmert = lxmert or ImportOptions()
+    if (Path(path) / ckpt.LATEST).exists() or not is_foreign(path):
+        model, meta, task = load_run(path)
+        if lxmert.task is not None and lxmert.task != task.name:
+            raise ValueError(f"{path}: a {task.name} run, not {lxmert.task}")
+        return model, meta, task
+    return import_task_model(path, lxmert)
+
+
+def run_dataset(
+    run_dir: Path, spec: DataSpec, lxmert: ImportOptions | None = None
+) -> tuple[TaskModel, Task, TaskDataset, dict]:
+    model, meta, task = load_model(run_dir, lxmert)
+    spec.task = meta["task"]
+    task = dataclasses.replace(task, evaluation=spec.evaluation())
+    tokenizer = None
+    if "text_ids" in model.needs:
+        from vlpipe.tokenizer import bert_tokenizer
+
+        tokenizer = bert_tokenizer(meta["tokenizer"]["vocab"])
+    data = build_dataset(
+        spec,
+        task,
+        AnswerVocab(meta["answers"]),
+        model.needs,
+        tokenizer,
+        meta["tokenizer"]["max_length"],
+    )
+    meta["warnings"] = _check_same_features(meta, data)
+    return model, task, data, meta
+
+
+def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
+    """Features of another size than the model's are an error; features from another encoder
+    (model, weights, seed, preprocessing, ...) than training used give a loud warning each.
+    An LXMERT checkpoint trained elsewhere records no caches: only the sizes are compared."""
+    dims = fusion_dims(meta["fusion"], data.images, data.texts, 0)
+    for key, value in dims.items():
+        trained = meta["fusion_config"].get(key)
+        if key != "vocab_size" and None not in (trained, value) and value != trained:
+            caches = data.images.names if key != "text_dim" else data.texts.names
+            raise DataMismatch(
+                f"{caches}: features of size {value} for {key}, the model in the run was "
+                f"trained on {trained}"
+            )
+    if meta.get("caches") is None:
+        return []
+    warnings = []
+    for kind, caches in (("image", data.images), ("text", data.texts)):
+        trained = encoder_identity((meta.get("caches") or {}).get(kind))
+        now = encoder_identity(caches.provenance if caches is not None else None)
+        differ = [k for k in trained.keys() | now.keys() if trained.get(k) != now.get(k)]
+        names = caches.names if caches is not None else "none"
+        for key in sorted(differ):
+            warnings.append(
+                f"{kind} features differ from the run's training caches in {key!r}: trained on "
+                f"{trained.get(key)!r}, given {now.get(key)!r} ({names})"
+            )
+    return warnings
+
+
+def run_evaluate(job: EvaluateJob) -> tuple[dict, dict]:
+    """(metrics, predictions); the metrics carry "warnings" when the caches' encoder differs
+    from the one the run was trained on."""
+    model, task, data, meta = _job_dataset(job.model, job.data, job.eval)
+    results, preds = evaluate(model, task, data, job.batch_size, resolve_device(job.device))
+    if not results:
+        raise ValueError(
+            f"{', '.join(map(str, job.data.annotations)) or 'the split'}: no question has an "
+            "answer to score against (use `vlpipe predict` for unlabelled splits)"
+        )
+    if meta["warnings"]:
+        results = dict(results, warnings=meta["warnings"])
+    return results, preds
+
+
+def run_predict(job: PredictJob) -> Path:
+    """The submission file of the model's predictions on the split."""
+    model, task, data, meta = _job_dataset(job.model, job.data, None)
+    for warning in meta["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    preds = predict(model, task, data, job.batch_size, resolve_device(job.device))
+    run = job.model.run
+    folder = run if run.is_dir() else run.parent  # beside a BEST.pth
+    return task.write_predictions(job.out or folder / task.submission_name, preds)
+
+
+def _job_dataset(source: ModelSource, data: DataConfig, scoring: EvalConfig | None):
+    from vlpipe.pipelines.lxmert_import import ImportOptions
+
+    lxmert = ImportOptions(source.task, source.answers, source.vocab)
+    return run_dataset(source.run, DataSpec.of("", data, scoring), lxmert)

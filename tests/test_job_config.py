@@ -1,0 +1,143 @@
+"""Job configs on the command line: --config files, flags over them, presets, values checked
+where they are declared, and a saved config.toml that reproduces its run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import vlpipe
+from tests.fusion_fixtures import gqa_color_task, logged_losses
+
+QUICK = ["--epochs", "2", "--batch-size", "8", "--no-progress"]
+
+
+def _weights(run):
+    return load_file(str(run / (run / "LATEST").read_text() / "model.safetensors"))
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    data = gqa_color_task(tmp_path)
+    vlpipe("train", *data, *QUICK, "--lr", "3e-3", "--seed", "7", "--out", tmp_path / "a")
+    saved = (tmp_path / "a" / "config.toml").read_text()
+    assert "lr = 0.003" in saved and "seed = 7" in saved and "resume" not in saved
+    again = vlpipe("train", "--config", tmp_path / "a" / "config.toml", "--out", tmp_path / "b")
+    assert "done" in again.output
+    assert logged_losses(tmp_path / "a") == logged_losses(tmp_path / "b")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_flags_override_the_file_and_set_overrides_the_file(tmp_path):
+    data = gqa_color_task(tmp_path)
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.01\n  epochs: 1\n  seed: 3\n")
+    vlpipe(
+        "train",
+        *data,
+        "--config",
+        tmp_path / "c.yaml",
+        "--set",
+        "optim.seed=4",
+        "--lr",
+        "0.02",
+        "--no-progress",
+        "--out",
+        tmp_path / "run",
+    )
+    meta = json.loads(
+        (tmp_path / "run" / (tmp_path / "run" / "LATEST").read_text() / "run.json").read_text()
+    )
+    assert (meta["train"]["lr"], meta["train"]["epochs"], meta["train"]["seed"]) == (0.02, 1, 4)
+    assert meta["config"]["preset"] == "concat"  # the fusion's preset under the file
+
+
+def test_presets_are_listed_and_applied(tmp_path):
+    out = vlpipe("presets").output
+    for name in ("lxmert-vqa", "lxmert-gqa", "lxmert-nlvr2", "concat", "demo"):
+        assert name in out
+    data = gqa_color_task(tmp_path)
+    vlpipe(
+        "train",
+        *data,
+        "--preset",
+        "demo",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        tmp_path / "r",
+    )
+    meta = json.loads(
+        (tmp_path / "r" / (tmp_path / "r" / "LATEST").read_text() / "run.json").read_text()
+    )
+    assert meta["train"]["lr"] == 1e-3 and meta["train"]["batch_size"] == 128
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--max-steps", "-1"], "--max-steps must be >= 0"),
+        (["--lr", "-1"], "--lr must be >= 0"),
+        (["--device", "gpu"], "--device 'gpu': expected auto, cpu, cuda, cuda:N or mps"),
+        (["--optimizer", "sgd"], "--optimizer must be one of adamw, bertadam"),
+        (["--max-length", "0"], "--max-length must be >= 3"),
+        (["--fusion", "nope"], "--fusion must be one of concat, lstm, lxmert, cross"),
+        (
+            ["--model-config", '{"hidden": "x"}'],
+            "--model-config (concat): unknown option(s) hidden",
+        ),
+        (["--fusion", "cross", "--model-config", '{"layers": "x"}'], "layers should be an integer"),
+        (["--model-config", "[1]"], "--model-config must be a JSON object"),
+        (["--set", "optim.lr=abc"], "--lr should be a number, got 'abc'"),
+        (["--set", "optim.nope=1"], "unknown option(s) nope"),
+        (["--vqa-eval", "2019"], "--vqa-eval must be one of 2021, 2016"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+    ],
+)
+def test_wrong_values_get_one_line_naming_the_option(tmp_path, args, message):
+    data = gqa_color_task(tmp_path)
+    result = vlpipe("train", *data, *args, "--no-progress", "--out", tmp_path / "run", code=1)
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_cuda_without_a_gpu_is_named(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the error only exists without one
+    data = gqa_color_task(tmp_path)
+    result = vlpipe("train", *data, "--device", "cuda", "--out", tmp_path / "run", code=1)
+    assert "--device cuda: no CUDA GPU on this machine" in result.output
+
+
+def test_missing_required_and_bad_config_file(tmp_path):
+    assert "--task is required" in vlpipe("train", "--out", tmp_path / "r", code=1).output
+    (tmp_path / "bad.toml").write_text("[optim\n")
+    result = vlpipe("train", "--config", tmp_path / "bad.toml", code=1)
+    assert "bad.toml" in result.output
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "score"])
+def test_each_flag_once_and_every_default_in_help(command, monkeypatch):
+    from vlpipe.pipelines import configs
+    from vlpipe.pipelines.cli import TRAIN_PREFIXES
+    from vlpipe.pipelines.options import flags_of
+
+    cls = {
+        "train": configs.TrainJob,
+        "evaluate": configs.EvaluateJob,
+        "predict": configs.PredictJob,
+        "score": configs.ScoreJob,
+    }[command]
+    flags = [f.option for f in flags_of(cls, TRAIN_PREFIXES if command == "train" else None)]
+    assert len(flags) == len(set(flags)), sorted(f for f in flags if flags.count(f) > 1)
+    monkeypatch.setenv("COLUMNS", "250")  # one line per option
+    helptext = vlpipe(command, "--help").output
+    if command == "train":
+        assert "default 32" in helptext and "default 4" in helptext and "--config" in helptext
