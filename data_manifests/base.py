@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from vlpipe.errors import ConfigError, InputError
 
-class AnnotationError(ValueError):
+
+class AnnotationError(InputError):
     """A malformed annotation file. The message names the file and the record."""
 
     def __init__(self, path: str | Path, record: object, reason: str):
@@ -63,7 +65,7 @@ def apply_limit(items: list[T], limit: int | None) -> list[T]:
     if limit is None:
         return items
     if limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        raise ConfigError(f"limit must be >= 0 or None, got {limit}")
     return items[:limit]
 
 

@@ -11,6 +11,8 @@ the `easy-vqa` listing's key; answers = (answer,); extra["answer_type"] = yes/no
 
 from __future__ import annotations
 
+from vlpipe.errors import ConfigError
+
 from .base import TextRecord, apply_limit
 
 SPLITS = ("train", "test")
@@ -27,7 +29,7 @@ def answer_type(answer: str) -> str:
 def read_easy_vqa(split: str = "train", limit: int | None = None) -> list[TextRecord]:
     """The split's questions in the package's order."""
     if split not in SPLITS:
-        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
     import easy_vqa as package  # lazy: the registry (and every CLI command) imports this module
 
     getter = package.get_train_questions if split == "train" else package.get_test_questions

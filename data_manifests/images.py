@@ -21,6 +21,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from vlpipe.errors import ConfigError, InputError
+
 from .base import ImageRecord, apply_limit
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -97,7 +99,7 @@ def easy_vqa(
 
     getters = {"train": package.get_train_image_paths, "test": package.get_test_image_paths}
     if split not in getters:
-        raise ValueError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
+        raise ConfigError(f"easy-vqa split must be 'train' or 'test', got {split!r}")
     paths = getters[split]()
     return _records(((f"{split}/{i}", Path(p)) for i, p in paths.items()), limit)
 
@@ -136,7 +138,7 @@ def _records(pairs: Iterable[tuple[str, Path]], limit: int | None) -> list[Image
     by_key: dict[str, Path] = {}
     for key, path in pairs:
         if key in by_key:
-            raise ValueError(f"two images have the key {key!r}: {by_key[key]} and {path}")
+            raise InputError(f"two images have the key {key!r}: {by_key[key]} and {path}")
         by_key[key] = path
     keys = apply_limit(sorted(by_key), limit)
     return [ImageRecord(key, str(by_key[key].absolute())) for key in keys]

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vlpipe.errors import InputError
+
 from .base import AnnotationError, TextRecord, apply_limit, get_field
 
 LABELS = ("True", "False")
@@ -26,7 +28,7 @@ def image_keys_from_identifier(identifier: str) -> tuple[str, str]:
     """
     parts = identifier.split("-")
     if len(parts) != 4 or not all(parts):
-        raise ValueError(f"NLVR2 identifier {identifier!r} is not split-set-pair-sentence")
+        raise InputError(f"NLVR2 identifier {identifier!r} is not split-set-pair-sentence")
     pair = "-".join(parts[:3])
     return (f"{pair}-img0", f"{pair}-img1")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from vlpipe.errors import ConfigError
+
 from . import images
 from .base import ImageRecord, TextRecord
 from .easy_vqa import read_easy_vqa
@@ -29,14 +31,14 @@ TextReader = Callable[[Sequence[Path], str | None, int | None], list[TextRecord]
 
 def _one_path(name: str, paths: Sequence[Path]) -> Path:
     if len(paths) != 1:
-        raise ValueError(f"text format {name!r} takes exactly one file, got {len(paths)}")
+        raise ConfigError(f"text format {name!r} takes exactly one file, got {len(paths)}")
     return Path(paths[0])
 
 
 def _vqa(paths: Sequence[Path], split: str | None, limit: int | None) -> list[TextRecord]:
     if len(paths) not in (1, 2):
         reason = "[questions.json] or [questions.json, annotations.json]"
-        raise ValueError(f"text format 'vqa' takes {reason}, got {len(paths)} files")
+        raise ConfigError(f"text format 'vqa' takes {reason}, got {len(paths)} files")
     annotations = paths[1] if len(paths) == 2 else None
     return read_vqa(paths[0], annotations, limit)
 
@@ -55,9 +57,9 @@ def _lxmert(paths: Sequence[Path], split: str | None, limit: int | None) -> list
 
 def _easy_vqa(paths: Sequence[Path], split: str | None, limit: int | None) -> list[TextRecord]:
     if paths:
-        raise ValueError("text format 'easy-vqa' reads the installed package: pass no files")
+        raise ConfigError("text format 'easy-vqa' reads the installed package: pass no files")
     if split is None:
-        raise ValueError("text format 'easy-vqa' needs split 'train' or 'test'")
+        raise ConfigError("text format 'easy-vqa' needs split 'train' or 'test'")
     return read_easy_vqa(split, limit)
 
 
@@ -85,7 +87,7 @@ def list_images(
     """The images of dataset `name` (a key of IMAGE_DATASETS); only easy-vqa needs no root."""
     listing = _lookup(IMAGE_DATASETS, name, "image dataset")
     if root is None and name != "easy-vqa":
-        raise ValueError(f"image dataset {name!r} needs a root folder")
+        raise ConfigError(f"image dataset {name!r} needs a root folder")
     return listing(Path() if root is None else Path(root), split, limit)  # easy-vqa ignores it
 
 
@@ -98,5 +100,5 @@ def read_texts(
 
 def _lookup(table: dict[str, Callable], name: str, what: str) -> Callable:
     if name not in table:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}")
+        raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(sorted(table))}")
     return table[name]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from vlpipe.errors import InputError
+
 # AnswerTable.ANS_CONVERT: the spellings the pre-training table merged
 _CONVERT = {
     "a man": "man",
@@ -71,14 +73,14 @@ def read_answer_list(path: str | Path) -> AnswerList:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read an answer list ({err})") from err
+        raise InputError(f"{path}: cannot read an answer list ({err})") from err
     if isinstance(data, dict):
         return AnswerList(str(path), _from_ans2label(data, path))
     if isinstance(data, list) and all(isinstance(a, str) for a in data):
         return AnswerList(str(path), list(data))
     if isinstance(data, list) and all(isinstance(a, dict) and "ans" in a for a in data):
         return AnswerList(str(path), [str(a["ans"]) for a in data], pretraining=True)
-    raise ValueError(
+    raise InputError(
         f"{path}: not an answer list (a JSON list of answers, an {{answer: index}} object, or "
         "LXMERT's all_ans.json)"
     )
@@ -86,7 +88,7 @@ def read_answer_list(path: str | Path) -> AnswerList:
 
 def _from_ans2label(data: dict, path: Path) -> list[str]:
     if sorted(data.values()) != list(range(len(data))):
-        raise ValueError(
+        raise InputError(
             f"{path}: an {{answer: index}} object needs the indices 0..{len(data) - 1}"
         )
     return sorted(data, key=data.__getitem__)
@@ -119,7 +121,7 @@ def transfer_rows(
     row i is the old row of new[i] (looked up with `old.key`), zero weight and bias when the old
     list lacks it (LXMERT's load_lxmert_qa)."""
     if weight.shape[0] != len(old.answers):
-        raise ValueError(
+        raise InputError(
             f"{old.source} lists {len(old.answers)} answers, the checkpoint's answer head has "
             f"{weight.shape[0]}"
         )

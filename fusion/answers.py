@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from vlpipe.errors import InputError
+
 from .metrics import process_digit_article, process_punctuation
 
 # soft_score for 1, 2, 3 annotators; 4 or more give full credit. These equal the official VQA
@@ -50,7 +52,7 @@ class AnswerVocab:
         self._index = {ans: i for i, ans in enumerate(self.answers)}
         if len(self._index) != len(self.answers):
             dupes = sorted(ans for ans, n in Counter(self.answers).items() if n > 1)
-            raise ValueError(f"duplicate answers in vocabulary: {dupes[:5]}")
+            raise InputError(f"duplicate answers in vocabulary: {dupes[:5]}")
 
     @classmethod
     def build(cls, answers_per_question: Iterable[str], min_count: int) -> AnswerVocab:
@@ -84,7 +86,7 @@ class AnswerVocab:
     @classmethod
     def from_json(cls, data: Sequence[str]) -> AnswerVocab:
         if not isinstance(data, list) or not all(isinstance(ans, str) for ans in data):
-            raise ValueError("an answer vocabulary is stored as a JSON list of strings")
+            raise InputError("an answer vocabulary is stored as a JSON list of strings")
         return cls(data)
 
     def encode_scores(self, scores: Mapping[str, float]) -> np.ndarray:

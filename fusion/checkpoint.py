@@ -20,13 +20,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlpipe.errors import VlpipeError
 from vlpipe.io import write_text_atomic
 
 LATEST = "LATEST"
 KEEP = 2  # checkpoints kept besides the newest "final"
 
 
-class RunError(RuntimeError):
+class RunError(VlpipeError, RuntimeError):
     """A run folder that cannot be loaded; names the folder."""
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import LxmertConfig
 from transformers.models.lxmert.modeling_lxmert import LxmertVisualFeatureEncoder, LxmertXLayer
 
+from vlpipe.errors import ConfigError
 from vlpipe.fusion.attention import additive_mask, language_only_tail, use_sdpa
 
 
@@ -33,7 +34,7 @@ class CrossFusionConfig:
 
     def to_transformers(self) -> LxmertConfig:
         if self.layers < 1:
-            raise ValueError("CrossFusion needs layers >= 1")
+            raise ConfigError("CrossFusion needs layers >= 1")
         return LxmertConfig(
             hidden_size=self.hidden,
             num_attention_heads=self.heads,

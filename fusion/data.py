@@ -18,6 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from vlpipe.cache import FeatureCache
 from vlpipe.data_manifests.base import TextRecord
+from vlpipe.errors import VlpipeError
 from vlpipe.fusion.answers import AnswerVocab, target_scores
 from vlpipe.fusion.tasks import Task
 from vlpipe.tokenizer import MAX_LENGTH
@@ -26,7 +27,7 @@ IMAGE_FIELDS = ("image_feats", "image_boxes", "image_mask", "image_cls")
 TEXT_FIELDS = ("text_feats", "text_mask", "text_cls")
 
 
-class DataMismatch(ValueError):
+class DataMismatch(VlpipeError, ValueError):
     """The caches or annotations do not fit the model; the message names what differs."""
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import LxmertConfig, LxmertModel
 
+from vlpipe.errors import ConfigError
 from vlpipe.fusion.attention import language_only_tail, use_sdpa
 from vlpipe.fusion.heads import head_names
 from vlpipe.tokenizer import BERT_VOCAB_SIZE
@@ -52,7 +53,7 @@ class LxmertFusionConfig:
 
     def to_transformers(self) -> LxmertConfig:
         if self.x_layers < 1:
-            raise ValueError(
+            raise ConfigError(
                 "LxmertFusion needs x_layers >= 1: the pooled output is read after "
                 "the cross-modality layers"
             )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlpipe.errors import ConfigError
 from vlpipe.fusion.heads import ClassifierHead
 from vlpipe.fusion.registry import FUSIONS, FusionSpec
 
@@ -21,7 +22,7 @@ IMAGE_PREFIX = "image_"
 
 def fusion_spec(name: str) -> FusionSpec:
     if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; known: {', '.join(FUSIONS)}")
+        raise ConfigError(f"unknown fusion {name!r}; known: {', '.join(FUSIONS)}")
     return FUSIONS[name]
 
 
@@ -35,7 +36,7 @@ def make_fusion_config(name: str, values: dict[str, Any]):
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"fusion {name!r} has no config fields {unknown}; it has {sorted(known)}")
+        raise ConfigError(f"fusion {name!r} has no config fields {unknown}; it has {sorted(known)}")
     return config_cls(**values)
 
 

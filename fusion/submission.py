@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 
 from vlpipe.data_manifests.base import load_json
+from vlpipe.errors import InputError
 from vlpipe.io import write_text_atomic
 
 from .metrics import parse_nlvr2_label
@@ -28,14 +29,14 @@ def _read_json_list(path: PathLike, keys: tuple[str, str]) -> list[dict]:
     """The entries of a JSON list of {id, answer} objects; the answer must be a string."""
     items = load_json(path)
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of {{{keys[0]!r}, {keys[1]!r}}} objects")
+        raise InputError(f"{path}: expected a JSON list of {{{keys[0]!r}, {keys[1]!r}}} objects")
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not all(k in item for k in keys):
-            raise ValueError(f"{path}: entry {i} lacks {keys[0]!r} or {keys[1]!r}: {item!r}")
+            raise InputError(f"{path}: entry {i} lacks {keys[0]!r} or {keys[1]!r}: {item!r}")
         if not isinstance(item[keys[1]], str):
-            raise ValueError(f"{path}: entry {i}: {keys[1]!r} should be a string: {item!r}")
+            raise InputError(f"{path}: entry {i}: {keys[1]!r} should be a string: {item!r}")
         if isinstance(item[keys[0]], bool) or not isinstance(item[keys[0]], (int, str)):
-            raise ValueError(f"{path}: entry {i}: {keys[0]!r} should be an id: {item!r}")
+            raise InputError(f"{path}: entry {i}: {keys[0]!r} should be an id: {item!r}")
     return items
 
 
@@ -44,7 +45,7 @@ def _to_unique_dict(pairs: list[tuple[str, object]], path: PathLike) -> dict:
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"{path}: duplicate prediction for id {key}")
+            raise InputError(f"{path}: duplicate prediction for id {key}")
         out[key] = value
     return out
 
@@ -87,7 +88,7 @@ def write_nlvr2_predictions(path: PathLike, preds: Mapping[str, bool | str]) -> 
     lines = []
     for identifier, pred in preds.items():
         if "," in identifier:
-            raise ValueError(f"NLVR2 identifier {identifier!r} contains a comma")
+            raise InputError(f"NLVR2 identifier {identifier!r} contains a comma")
         lines.append(f"{identifier},{parse_nlvr2_label(pred)}\n")
     write_text_atomic(path, "".join(lines))
 
@@ -101,6 +102,6 @@ def read_nlvr2_predictions(path: PathLike) -> dict[str, bool]:
                 continue
             fields = line.strip().split(",")
             if len(fields) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'identifier,True|False': {line!r}")
+                raise InputError(f"{path}:{lineno}: expected 'identifier,True|False': {line!r}")
             pairs.append((fields[0], parse_nlvr2_label(fields[1])))
     return _to_unique_dict(pairs, path)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vlpipe.data_manifests.base import TextRecord
+from vlpipe.errors import ConfigError, EvaluationError
 from vlpipe.fusion import metrics, submission
 from vlpipe.fusion.answers import AnswerVocab, preprocess_answer, target_scores
 
@@ -44,7 +45,7 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.vqa_revision not in metrics.REVISIONS:
             known = ", ".join(sorted(metrics.REVISIONS))
-            raise ValueError(f"unknown --vqa-eval revision {self.vqa_revision!r}; known: {known}")
+            raise ConfigError(f"unknown --vqa-eval revision {self.vqa_revision!r}; known: {known}")
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class Task:
 
 def _vqa_question(rec: TextRecord) -> metrics.VqaQuestion:
     if not rec.answers:
-        raise ValueError(f"question {rec.key} has no human answers to score against")
+        raise EvaluationError(f"question {rec.key} has no human answers to score against")
     return metrics.VqaQuestion(
         rec.answers,
         rec.extra.get("question_type", ""),
@@ -232,5 +233,5 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str, evaluation: EvalOptions | None = None) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     return dataclasses.replace(TASKS[name], evaluation=evaluation or EvalOptions())

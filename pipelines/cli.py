@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from vlpipe.errors import ConfigError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -290,7 +292,7 @@ def export_features(
 
     try:
         if fmt != "lxmert-tsv":
-            raise ValueError(f"unknown export format {fmt!r}; expected lxmert-tsv")
+            raise ConfigError(f"unknown export format {fmt!r}; expected lxmert-tsv")
         n = interop.export_lxmert_tsv(cache, out, img_id_format=img_id_format)
     except _user_errors() as err:
         _fail(err)
@@ -301,9 +303,9 @@ def _json_option(text: str, name: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{name} is not JSON: {err}") from err
+        raise ConfigError(f"{name} is not JSON: {err}") from err
     if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object")
+        raise ConfigError(f"{name} must be a JSON object")
     return value
 
 

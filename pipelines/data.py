@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlpipe.errors import ConfigError
 from vlpipe.fusion.data import CacheSet, TaskDataset
 from vlpipe.fusion.model import fusion_inputs
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
@@ -70,7 +71,7 @@ def _tokenizer(vocab: str | None, texts: CacheSet | None):
 
         vocab = default_vocab()
     if vocab is None:
-        raise ValueError("this fusion tokenizes the texts: pass --vocab PATH/vocab.txt")
+        raise ConfigError("this fusion tokenizes the texts: pass --vocab PATH/vocab.txt")
     return bert_tokenizer(vocab), str(vocab)
 
 

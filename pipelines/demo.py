@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlpipe.errors import ConfigError
 from vlpipe.extract.runner import RunOptions
 from vlpipe.pipelines.extract_job import ExtractRequest, ResnetOptions, run_extract
 from vlpipe.pipelines.train_job import resolve_train, run_train
@@ -48,7 +49,7 @@ class DemoOptions:
 
     def vision_settings(self) -> dict:
         if self.vision not in VISION:
-            raise ValueError(f"--vision {self.vision!r}: expected one of {', '.join(VISION)}")
+            raise ConfigError(f"--vision {self.vision!r}: expected one of {', '.join(VISION)}")
         settings = dict(VISION[self.vision])
         settings["arch"] = self.vision_arch or settings["arch"]
         settings["image_size"] = self.image_size or settings["image_size"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlpipe.distributed import resolve_device
+from vlpipe.errors import ConfigError, EvaluationError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import DataMismatch, TaskDataset
@@ -49,7 +50,7 @@ def load_model(
     if (Path(path) / ckpt.LATEST).exists() or not is_foreign(path):
         model, meta, task = load_run(path)
         if lxmert.task is not None and lxmert.task != task.name:
-            raise ValueError(f"{path}: a {task.name} run, not {lxmert.task}")
+            raise ConfigError(f"{path}: a {task.name} run, not {lxmert.task}")
         return model, meta, task
     return import_task_model(path, lxmert)
 
@@ -112,7 +113,7 @@ def run_evaluate(job: EvaluateJob) -> tuple[dict, dict]:
     model, task, data, meta = _job_dataset(job.model, job.data, job.eval)
     results, preds = evaluate(model, task, data, job.batch_size, resolve_device(job.device))
     if not results:
-        raise ValueError(
+        raise EvaluationError(
             f"{', '.join(map(str, job.data.annotations)) or 'the split'}: no question has an "
             "answer to score against (use `vlpipe predict` for unlabelled splits)"
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlpipe.errors import ConfigError
 from vlpipe.fusion.answer_tables import AnswerList, read_answer_list, transfer_rows
 from vlpipe.fusion.lxmert import (
     ANSWER_HEADS,
@@ -54,7 +55,7 @@ def is_foreign(path: str | Path) -> bool:
 def import_task_model(path: str | Path, opts: ImportOptions) -> tuple[TaskModel, dict, Task]:
     """A TaskModel holding a fine-tuned LXMERT checkpoint, and run metadata for it."""
     if opts.task is None:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: not a vlpipe run folder; to use it as an LXMERT checkpoint pass --task"
         )
     task = get_task(opts.task)
@@ -99,14 +100,14 @@ def _model_answers(ckpt: LxmertCheckpoint, task: Task, answers: str | None) -> l
     elif task.fixed_answers is not None:
         found, source = list(task.fixed_answers), f"task {task.name}'s answers"
     else:
-        raise ValueError(
+        raise ConfigError(
             f"{ckpt.source}: its answer head has {n} outputs and nothing names them: pass "
             f"--answers (LXMERT's data/{task.name}/trainval_label2ans.json)"
         )
     if task.fixed_answers is not None and found != list(task.fixed_answers):
-        raise ValueError(f"{source}: task {task.name} answers {list(task.fixed_answers)}")
+        raise ConfigError(f"{source}: task {task.name} answers {list(task.fixed_answers)}")
     if len(found) != n:
-        raise ValueError(
+        raise ConfigError(
             f"{source} lists {len(found)} answers, the answer head of {ckpt.source} has {n}"
         )
     return list(found)
@@ -130,7 +131,7 @@ def _vocab(path: str | Path, vocab: str | None, vocab_size: int) -> str:
     if vocab is None and beside.is_file():
         vocab = str(beside)
     if vocab is None:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: an LXMERT checkpoint carries no tokenizer: pass --vocab PATH/vocab.txt "
             "(bert-base-uncased's, which LXMERT uses)"
         )

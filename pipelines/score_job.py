@@ -8,6 +8,7 @@ the figure `vlpipe evaluate` prints for the same predictions.
 
 from __future__ import annotations
 
+from vlpipe.errors import EvaluationError
 from vlpipe.fusion.tasks import get_task
 from vlpipe.pipelines.configs import ScoreJob
 from vlpipe.pipelines.data import DataSpec
@@ -18,5 +19,7 @@ def run_score(job: ScoreJob) -> dict:
     task = get_task(spec.task, spec.evaluation())
     records = [r for r in spec.records() if r.labelled]
     if not records:
-        raise ValueError(f"{', '.join(map(str, spec.annotations))}: no labelled questions to score")
+        raise EvaluationError(
+            f"{', '.join(map(str, spec.annotations))}: no labelled questions to score"
+        )
     return task.evaluate(task.read_predictions(job.predictions), records)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vlpipe.config import merge, resolve, to_dict, to_toml
+from vlpipe.errors import ConfigError, InputError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, build_vocab
@@ -200,14 +201,14 @@ def _answer_vocab(job: TrainJob, task: Task, records) -> AnswerVocab:
 
     answers = read_answer_list(job.answers).answers
     if task.fixed_answers is not None and answers != list(task.fixed_answers):
-        raise ValueError(f"{job.answers}: task {task.name} answers {list(task.fixed_answers)}")
+        raise InputError(f"{job.answers}: task {task.name} answers {list(task.fixed_answers)}")
     return AnswerVocab(answers)
 
 
 def _initialise(model: TaskModel, job: TrainJob, task: Task, vocab: AnswerVocab) -> None:
     if job.init:
         if job.fusion != "lxmert":
-            raise ValueError(f"--init loads LXMERT checkpoints; the fusion is {job.fusion!r}")
+            raise ConfigError(f"--init loads LXMERT checkpoints; the fusion is {job.fusion!r}")
         from vlpipe.pipelines.lxmert_import import initialise_from
 
         lines = initialise_from(

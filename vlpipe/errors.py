@@ -17,5 +17,15 @@ class ConfigError(VlpipeError, ValueError):
     """An option or config-file value that is not allowed; the message names the option."""
 
 
+class InputError(VlpipeError, ValueError):
+    """A file the user gave (annotations, predictions, answer lists) is malformed or does not
+    fit the others; the message names the file and the record."""
+
+
+class EvaluationError(VlpipeError, ValueError):
+    """Predictions that cannot be scored against the ground truth (missing or extra ids, no
+    answers); the message names the ids."""
+
+
 class WeightsError(VlpipeError, RuntimeError):
     """Weights that are missing, unreadable or do not fit the model; names the file and keys."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 
+from vlpipe.errors import EvaluationError
+
 _MAX_IDS_IN_ERROR = 5
 
 
@@ -47,17 +49,17 @@ def require_covered(have: Mapping, need: Iterable[str], what: str) -> None:
     """Every id of `need` must be in `have`."""
     missing = [key for key in need if key not in have]
     if missing:
-        raise ValueError(f"missing {what} for {some_ids(missing)}")
+        raise EvaluationError(f"missing {what} for {some_ids(missing)}")
 
 
 def require_same_ids(preds: Mapping, gts: Mapping) -> None:
     """Predictions for exactly the ground-truth questions (vqaEval.py's loadRes asserts it)."""
     if not gts:
-        raise ValueError("nothing to evaluate: no ground-truth examples")
+        raise EvaluationError("nothing to evaluate: no ground-truth examples")
     require_covered(preds, gts, what="prediction")
     extra = preds.keys() - gts.keys()
     if extra:
-        raise ValueError(f"questions with a prediction but no ground truth: {some_ids(extra)}")
+        raise EvaluationError(f"questions with a prediction but no ground truth: {some_ids(extra)}")
 
 
 def exact_match_evaluate(
@@ -69,7 +71,7 @@ def exact_match_evaluate(
     when `answer_types` is given. Every question in `answers` needs a prediction; extra
     predictions are ignored."""
     if not answers:
-        raise ValueError("nothing to evaluate: no ground-truth examples")
+        raise EvaluationError("nothing to evaluate: no ground-truth examples")
     require_covered(predictions, answers, what="prediction")
     scores = {qid: 1.0 if predictions[qid] == ans else 0.0 for qid, ans in answers.items()}
     out = {"metric": "exact match", "accuracy": mean(list(scores.values())) * 100, "n": len(scores)}

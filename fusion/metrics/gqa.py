@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from vlpipe.errors import EvaluationError
+
 from .common import mean, require_covered
 
 METRIC = "GQA eval.py (gqadataset.org)"
@@ -63,7 +65,7 @@ def gqa_evaluate(
     all-questions file); it then needs a prediction for every question, as in eval.py."""
     balanced = {qid: q for qid, q in questions.items() if q.balanced}
     if not balanced:
-        raise ValueError("nothing to evaluate: no balanced questions with an answer")
+        raise EvaluationError("nothing to evaluate: no balanced questions with an answer")
     require_covered(predictions, balanced, what="prediction")
     scores = {qid: 1.0 if predictions[qid] == q.answer else 0.0 for qid, q in balanced.items()}
     out: dict = {"metric": METRIC, "accuracy": _pct(scores.values())}
@@ -101,7 +103,7 @@ def _validity(predictions, balanced, choices) -> dict[str, float]:
 def _wants_consistency(questions, balanced, asked: bool | None, out: dict) -> bool:
     absent = {e for q in balanced.values() for e in q.entailed if e not in questions}
     if absent and asked:
-        raise ValueError(
+        raise EvaluationError(
             f"consistency needs the entailed questions: {len(absent)} are not in the questions "
             "file (give the all-questions file, e.g. testdev_all_questions.json)"
         )

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from vlpipe.errors import EvaluationError
+
 from .common import require_covered
 
 METRIC = "NLVR2 metrics.py (lil-lab/nlvr)"
@@ -21,7 +23,7 @@ def parse_nlvr2_label(value: bool | str | np.bool_) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ValueError(f"NLVR2 label must be a bool or 'True'/'False', got {value!r}")
+    raise EvaluationError(f"NLVR2 label must be a bool or 'True'/'False', got {value!r}")
 
 
 def nlvr2_group(identifier: str) -> str:
@@ -32,7 +34,9 @@ def nlvr2_group(identifier: str) -> str:
     """
     fields = identifier.split("-")
     if len(fields) < 3:
-        raise ValueError(f"NLVR2 identifier {identifier!r} has fewer than 3 dash-separated fields")
+        raise EvaluationError(
+            f"NLVR2 identifier {identifier!r} has fewer than 3 dash-separated fields"
+        )
     fields[2] = ""
     return "-".join(fields)
 
@@ -42,7 +46,7 @@ def nlvr2_evaluate(predictions: Mapping[str, bool | str], labels: Mapping[str, b
     whose examples are all right), in percent: metrics.py's fractions times 100. Every
     labelled example needs a prediction; extra predictions are ignored."""
     if not labels:
-        raise ValueError("nothing to evaluate: no ground-truth examples")
+        raise EvaluationError("nothing to evaluate: no ground-truth examples")
     require_covered(predictions, labels, what="prediction")
     num_correct = 0.0
     group_ok: dict[str, bool] = {}

@@ -29,6 +29,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from vlpipe.errors import ConfigError, EvaluationError
+
 from .common import mean, naive_sum, py2_round, require_covered, require_same_ids
 
 REVISIONS = {
@@ -178,7 +180,7 @@ def _compared(pred: str, answers: Sequence[str], revision: str) -> tuple[str, li
         if len(set(gts)) > 1:
             gts = [process_punctuation(gt) for gt in gts]
         return normalize_answer(pred), gts
-    raise ValueError(f"unknown vqaEval.py revision {revision!r}; known: {sorted(REVISIONS)}")
+    raise ConfigError(f"unknown vqaEval.py revision {revision!r}; known: {sorted(REVISIONS)}")
 
 
 def vqa_accuracy(
@@ -192,7 +194,7 @@ def vqa_accuracy(
     With 10 distinct annotators, k matching answers give 0.3, 0.6, 0.9, 1.0 for k = 1, 2, 3, 4+.
     """
     if len(gt_answers) == 0:
-        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
+        raise EvaluationError("vqa_accuracy needs at least one ground-truth answer")
     pred, gts = _compared(pred, gt_answers, revision)
     hits = [gt == pred for gt in gts]
     if annotators is None:
