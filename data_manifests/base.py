@@ -7,6 +7,7 @@ ever see records, never dataset-specific file layouts.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +59,17 @@ class TextRecord:
 
 
 T = TypeVar("T")
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(key: str) -> tuple:
+    """Sort key in natural order: "train/2" before "train/10" (numbers compared as numbers).
+    re.split with a group alternates text and digits, so the tuples always compare text with
+    text and numbers with numbers."""
+    parts = _DIGITS.split(key)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
 def apply_limit(items: list[T], limit: int | None) -> list[T]:

@@ -1,7 +1,8 @@
 """Image listings: which image files a dataset has, and the cache key of each.
 
-Every listing is `(root, split, limit) -> list[ImageRecord]`, sorted by key (plain string
-order, so the same files always give the same list) and cut to the first `limit`. Listings
+Every listing is `(root, split, limit) -> list[ImageRecord]`, sorted by key in natural order
+(numbers as numbers: train/2 before train/10; the same files always give the same list) and cut
+to the first `limit`. Listings
 only look at file names and never open a file: unreadable images are the extractor's problem.
 
 Layouts and keys:
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from vlpipe.errors import ConfigError, InputError
 
-from .base import ImageRecord, apply_limit
+from .base import ImageRecord, apply_limit, natural_key
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -134,11 +135,12 @@ def _scan(base: Path, recursive: bool) -> list[Path]:
 
 
 def _records(pairs: Iterable[tuple[str, Path]], limit: int | None) -> list[ImageRecord]:
-    """ImageRecords sorted by key; two files with one key is an error, not a silent pick."""
+    """ImageRecords in natural key order (img2 before img10: --limit N takes the first N as a
+person would count them); two files with one key is an error, not a silent pick."""
     by_key: dict[str, Path] = {}
     for key, path in pairs:
         if key in by_key:
             raise InputError(f"two images have the key {key!r}: {by_key[key]} and {path}")
         by_key[key] = path
-    keys = apply_limit(sorted(by_key), limit)
+    keys = apply_limit(sorted(by_key, key=natural_key), limit)
     return [ImageRecord(key, str(by_key[key].absolute())) for key in keys]

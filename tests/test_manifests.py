@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from vlpipe.data_manifests import images
-from vlpipe.data_manifests.base import AnnotationError, ImageRecord, TextRecord
+from vlpipe.data_manifests.base import AnnotationError, ImageRecord, TextRecord, natural_key
 from vlpipe.data_manifests.easy_vqa import easy_vqa_answers, read_easy_vqa
 from vlpipe.data_manifests.gqa import read_gqa
 from vlpipe.data_manifests.lxmert import image_key_from_lxmert_id, read_lxmert
@@ -97,9 +97,9 @@ def test_coco_2014_and_2017_names(tmp_path: Path) -> None:
         "val2017/000000000139.jpg",
         "test2015/COCO_test2015_000000000001.jpg",
     )
-    assert keys(images.coco(tmp_path, "train2014")) == ["458752", "9"]
-    assert keys(images.coco(tmp_path / "train2014", "train2014")) == ["458752", "9"]
-    assert keys(images.coco(tmp_path / "train2014", None, limit=1)) == ["458752"]
+    assert keys(images.coco(tmp_path, "train2014")) == ["9", "458752"]  # natural order
+    assert keys(images.coco(tmp_path / "train2014", "train2014")) == ["9", "458752"]
+    assert keys(images.coco(tmp_path / "train2014", None, limit=1)) == ["9"]
     assert keys(images.coco(tmp_path, "val2017")) == ["139"]
     assert keys(images.coco(tmp_path, "test2015")) == ["1"]
     with pytest.raises(FileNotFoundError, match="val2014"):
@@ -108,7 +108,7 @@ def test_coco_2014_and_2017_names(tmp_path: Path) -> None:
 
 def test_vg_and_gqa(tmp_path: Path) -> None:
     touch(tmp_path / "vg", "VG_100K/1.jpg", "VG_100K/10.jpg", "VG_100K_2/2.jpg")
-    assert keys(images.vg(tmp_path / "vg", None)) == ["1", "10", "2"]
+    assert keys(images.vg(tmp_path / "vg", None)) == ["1", "2", "10"]
     with pytest.raises(FileNotFoundError, match="VG_100K"):
         images.vg(tmp_path, None)
     touch(tmp_path / "gqa", "images/2370799.jpg", "images/n161313.jpg")
@@ -128,9 +128,9 @@ def test_nlvr2_train_directories_and_flat_dev(tmp_path: Path) -> None:
         "dev/dev-850-0-img1.PNG",
     )
     assert keys(images.nlvr2(tmp_path, "train")) == [
+        "train-2-1-img0",  # natural order: set 2 before set 10171
         "train-10171-0-img0",
         "train-10171-0-img1",
-        "train-2-1-img0",
     ]
     assert keys(images.nlvr2(tmp_path / "dev", "dev")) == ["dev-850-0-img0", "dev-850-0-img1"]
     with pytest.raises(FileNotFoundError, match="test1"):
@@ -141,9 +141,11 @@ def test_easy_vqa_images_keyed_by_split() -> None:
     train, test = images.easy_vqa(None, "train"), images.easy_vqa(None, "test")
     assert (len(train), len(test)) == (4000, 1000)
     assert {"train/0", "train/3999"} <= set(keys(train))
-    assert keys(train) == sorted(keys(train))
+    assert keys(train)[:3] == ["train/0", "train/1", "train/2"]  # natural order, not train/10
+    assert keys(images.easy_vqa(Path(), "train", limit=12))[-1] == "train/11"
+    assert keys(train) == sorted(keys(train), key=natural_key)
     assert Path(test[0].path).is_file() and test[0].key == "test/0"
-    assert keys(images.easy_vqa(None, "test", limit=3)) == ["test/0", "test/1", "test/10"]
+    assert keys(images.easy_vqa(None, "test", limit=3)) == ["test/0", "test/1", "test/2"]
     with pytest.raises(ValueError, match="val"):
         images.easy_vqa(None, "val")
 
