@@ -1,6 +1,7 @@
 """The vlpipe feature cache: one schema, one writer, one reader.
 
-Layout on disk (``cache.h5`` is the only path users pass around)::
+Layout on disk (``cache.h5`` is the only path users pass around; every file name is in
+`vlpipe/cache_layout.py`)::
 
     cache.h5                 index: provenance, field table, shard table, key -> (shard, row)
                              and HDF5 external links /shards/<name> for h5ls/h5py browsing
@@ -9,8 +10,15 @@ Layout on disk (``cache.h5`` is the only path users pass around)::
 
 A shard is written under a ``.tmp`` name and renamed only when complete, so a reader never sees
 a half-written shard, and ``--resume`` simply skips the keys already in complete shards. Each
-writer (one per GPU or node) writes shards prefixed with its own id; ``build_index`` ties every
-complete shard into the index. Shards are self-describing: the index can always be rebuilt.
+writer (one per GPU or node) writes shards prefixed with its own id, under a lock of its own;
+``build_index`` ties every complete shard into the index. Shards are self-describing: the index
+can always be rebuilt.
+
+The index's shard table records, per shard: file name, rows, bytes, sha256, a digest of its
+keys, and the digest of its provenance identity (`vlpipe.provenance.identity_digest`: what
+defines the features, not when or where they were made). `vlpipe verify` checks every shard
+against that record; the reader checks the cheap part of it when it first opens a shard.
+Schema v1 indexes (no keys / identity digests) are still read.
 
 Per item fields (the same names are used in training batches and in ``forward()``)::
 
@@ -26,20 +34,55 @@ Per item fields (the same names are used in training batches and in ``forward()`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from vlpipe.cache_layout import (
+    SHARD_NAME,
+    WRITER_ID,
+    CacheBusyError,
+    CacheError,
+    CacheWriteError,
+    check_target,
+    checksum_path,
+    clean_stale,
+    complete_shards,
+    index_state,
+    index_tmp,
+    lock_writer,
+    missing_index_message,
+    remove_cache,
+    shard_dir,
+    shard_path,
+)
 from vlpipe.io import write_text_atomic
-from vlpipe.provenance import sha256_file
+from vlpipe.keytable import KeyTable
+from vlpipe.provenance import identity_diff, identity_digest, provenance_identity, sha256_file
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "CacheBusyError",
+    "CacheError",
+    "CacheWriteError",
+    "CacheWriter",
+    "FeatureCache",
+    "Schema",
+    "build_index",
+    "checksum_path",
+    "complete_shards",
+    "identity_digest",
+    "provenance_identity",
+    "shard_dir",
+]
+
+SCHEMA_VERSION = 2  # 2: shard table with keys and identity digests
+READABLE_VERSIONS = (1, 2)
 FEATURE_DTYPES = ("float16", "float32")
 
 # name: (dtype, meaning). dtype None = the cache's feature dtype (float16 unless asked).
@@ -71,14 +114,6 @@ KINDS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 _STR = h5py.string_dtype("utf-8")
-
-
-class CacheError(RuntimeError):
-    """Anything wrong with a cache on disk; the message names the file."""
-
-
-class CacheWriteError(CacheError):
-    """Writing failed (disk full, file-size limit, I/O error); complete shards are intact."""
 
 
 @dataclass(frozen=True)
@@ -113,17 +148,6 @@ class Schema:
         return cls(raw["kind"], {n: (tuple(s), d) for n, (s, d) in raw["fields"].items()})
 
 
-def shard_dir(path: str | Path) -> Path:
-    """cache.h5 -> cache.shards/ beside it."""
-    path = Path(path)
-    return path.with_name(path.stem + ".shards")
-
-
-def complete_shards(path: str | Path) -> list[Path]:
-    folder = shard_dir(path)
-    return sorted(folder.glob("*.h5")) if folder.is_dir() else []
-
-
 def _h5_dtype(dtype: str):
     return _STR if dtype == "str" else np.dtype(dtype)
 
@@ -141,6 +165,17 @@ def _write_attrs(h5: h5py.File, schema: Schema, provenance: dict) -> None:
     h5.attrs["kind"] = schema.kind
     h5.attrs["schema"] = schema.to_json()
     h5.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+    h5.attrs["identity_sha256"] = identity_digest(provenance)
+
+
+def storable(text: str) -> str:
+    """`text` if it can be stored as UTF-8, else with the undecodable bytes of a file name
+    (surrogate escapes) written as backslash escapes: `caf\\xe9`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text
 
 
 class ShardWriter:
@@ -152,11 +187,22 @@ class ShardWriter:
         self.schema = schema
         self.n = 0
         self.n_aliases = 0
-        self.h5 = h5py.File(self.tmp_path, "w")
-        _write_attrs(self.h5, schema, provenance)
+        try:
+            self.h5 = h5py.File(self.tmp_path, "w")
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+        try:
+            self._create(provenance, writer)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self, provenance: dict, writer: str) -> None:
+        _write_attrs(self.h5, self.schema, provenance)
         self.h5.attrs["writer"] = writer
         self.h5.create_dataset("keys", (0,), _STR, maxshape=(None,), chunks=(1024,))
-        for name, (shape, dtype) in schema.fields.items():
+        for name, (shape, dtype) in self.schema.fields.items():
             chunks = (_chunk_rows(shape, dtype), *shape)
             self.h5.create_dataset(
                 name, (0, *shape), _h5_dtype(dtype), maxshape=(None, *shape), chunks=chunks
@@ -185,7 +231,7 @@ class ShardWriter:
             ("failed_paths", path),
             ("failed_reasons", reason),
         ):
-            _append(self.h5[name], i, [value])
+            _append(self.h5[name], i, [storable(value)])
 
     @property
     def n_failures(self) -> int:
@@ -207,13 +253,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Throw the partial shard away (after a crash-like error the file may not close)."""
-        with contextlib.suppress(RuntimeError, OSError):
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
             self.h5.close()
         self.tmp_path.unlink(missing_ok=True)
-
-
-def checksum_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + ".sha256")
 
 
 def shard_checksum(shard: Path) -> str:
@@ -241,26 +283,86 @@ def _decode(values: Iterable) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
-def read_shard_keys(shard: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    """(row keys, alias keys, alias rows, failed keys) of one complete shard."""
+def keys_digest(keys: Sequence[bytes], alias_keys: Sequence[bytes], alias_rows) -> str:
+    """sha256 of a shard's row keys in row order and its alias keys with their rows, as the
+    index records it (utf-8 bytes as h5py reads them)."""
+    digest = hashlib.sha256(b"\0".join(keys))
+    digest.update(b"\1" + b"\0".join(alias_keys) + b"\1")
+    digest.update(np.asarray(alias_rows, "<i8").tobytes())
+    return digest.hexdigest()
+
+
+def _raw(values) -> list[bytes]:
+    return [v if isinstance(v, bytes) else str(v).encode() for v in values]
+
+
+@dataclass
+class ShardInfo:
+    """What one complete shard holds besides its features."""
+
+    path: Path
+    keys: list[str]
+    alias_keys: list[str]
+    alias_rows: np.ndarray
+    failures: list[tuple[str, str, str]]
+    schema: str
+    provenance: dict
+    keys_sha256: str
+    field_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+    @property
+    def identity_sha256(self) -> str:
+        return identity_digest(self.provenance)
+
+
+def read_shard(shard: Path) -> ShardInfo:
+    """Keys, aliases, failures, schema and provenance of one complete shard."""
     try:
         with h5py.File(shard, "r") as h5:
-            return (
-                _decode(h5["keys"][:]),
-                _decode(h5["alias_keys"][:]),
-                h5["alias_rows"][:],
-                _decode(h5["failed_keys"][:]),
+            keys, akeys = _raw(h5["keys"][:]), _raw(h5["alias_keys"][:])
+            arows = h5["alias_rows"][:]
+            failures = list(
+                zip(
+                    _decode(h5["failed_keys"][:]),
+                    _decode(h5["failed_paths"][:]),
+                    _decode(h5["failed_reasons"][:]),
+                    strict=True,
+                )
             )
-    except (OSError, KeyError) as err:
+            schema, prov = h5.attrs["schema"], json.loads(h5.attrs["provenance"])
+            rows = {n: len(h5[n]) for n in Schema.from_json(schema).fields}
+    except (OSError, KeyError, ValueError) as err:
         raise CacheError(f"{shard}: unreadable shard ({err})") from err
+    return ShardInfo(
+        shard,
+        _decode(keys),
+        _decode(akeys),
+        arows,
+        failures,
+        schema,
+        prov,
+        keys_digest(keys, akeys, arows),
+        rows,
+    )
+
+
+def read_shard_keys(shard: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """(row keys, alias keys, alias rows, failed keys) of one complete shard."""
+    info = read_shard(shard)
+    return info.keys, info.alias_keys, info.alias_rows, [f[0] for f in info.failures]
 
 
 class CacheWriter:
     """Writes items into bounded shards of one cache; the index is built on `close`.
 
-    writer: an id unique per concurrent writer (e.g. "r0", "r1" for torch.distributed ranks).
+    writer: an id unique per concurrent writer (e.g. "r0", "r1" for torch.distributed ranks);
+    each writer holds a lock of its own, so a second process with the same id is refused.
     resume: keep complete shards and skip their keys; otherwise an existing cache is an error
-    unless overwrite=True.
+    unless overwrite=True. Only a vlpipe cache is ever continued or replaced.
     """
 
     def __init__(
@@ -281,52 +383,53 @@ class CacheWriter:
         self.schema, self.writer = schema, writer
         self.shard_items = max(1, int(shard_items))
         self.build_index_on_close = build_index_on_close
-        self._prepare(resume, overwrite)
-        self.done = self._load_done() if resume else set()
-        self._seq = self._next_seq()
+        if not WRITER_ID.fullmatch(writer):
+            raise ValueError(f"writer id {writer!r}: letters, digits and _ only")
         self._shard: ShardWriter | None = None
+        self._lock = self._prepare(resume, overwrite)
+        try:
+            self.done = self._load_done() if resume else set()
+            self._seq = self._next_seq()
+        except BaseException:
+            self._lock.release()
+            raise
 
-    def _prepare(self, resume: bool, overwrite: bool) -> None:
-        folder = shard_dir(self.path)
-        exists = self.path.exists() or complete_shards(self.path)
-        if exists and not (resume or overwrite):
-            raise CacheError(
-                f"{self.path} already exists: pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        if overwrite and not resume:
-            self.path.unlink(missing_ok=True)
-            if folder.is_dir():
-                shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{self.writer}-*.h5.tmp"):  # a crashed run's partial shard
-            stale.unlink()
-        for side in folder.glob(f"{self.writer}-*.h5.sha256"):  # crashed between hash and rename
-            if not side.with_suffix("").exists():
-                side.unlink()
+    def _prepare(self, resume: bool, overwrite: bool):
+        """Check what is at the path, take this writer's lock, then clear what may go."""
+        check_target(self.path, resume=resume, overwrite=overwrite)
+        with self._write_errors("creating the shards folder"):
+            shard_dir(self.path).mkdir(parents=True, exist_ok=True)
+        lock = lock_writer(self.path, self.writer)
+        try:
+            if overwrite and not resume:
+                remove_cache(self.path, keep=(lock.path,))
+            clean_stale(self.path, self.writer)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     def _load_done(self) -> set[str]:
         done: set[str] = set()
         for shard in complete_shards(self.path):
-            self._check_compatible(shard)
-            keys, aliases, _, failed = read_shard_keys(shard)
-            done.update(keys, aliases, failed)
+            info = read_shard(shard)
+            self._check_compatible(info)
+            done.update(info.keys, info.alias_keys, (f[0] for f in info.failures))
         return done
 
-    def _check_compatible(self, shard: Path) -> None:
-        with h5py.File(shard, "r") as h5:
-            schema = Schema.from_json(h5.attrs["schema"])
-            prov = json.loads(h5.attrs["provenance"])
+    def _check_compatible(self, info: ShardInfo) -> None:
+        schema = Schema.from_json(info.schema)
         if schema != self.schema:
             raise CacheError(
-                f"{shard}: written with schema {schema.to_json()}, this run writes "
+                f"{info.path}: written with schema {schema.to_json()}, this run writes "
                 f"{self.schema.to_json()}; use a new --out or --overwrite"
             )
-        ours = {k: self.provenance.get(k) for k in RESUME_MUST_MATCH}
-        theirs = {k: prov.get(k) for k in RESUME_MUST_MATCH}
-        if ours != theirs:
-            diff = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
-            raise CacheError(f"{shard}: cannot resume, the run differs (cache, now): {diff}")
+        diff = identity_diff(self.provenance, info.provenance)
+        if diff:
+            raise CacheError(
+                f"{info.path}: cannot resume, the run differs (cache, now): {diff}; use a new "
+                "--out, or --overwrite to replace the cache"
+            )
 
     def _next_seq(self) -> int:
         seqs = [
@@ -340,7 +443,10 @@ class CacheWriter:
         if self._shard is None:
             name = f"{self.writer}-{self._seq:05d}.h5"
             prov = dict(self.provenance, shard=name)
-            self._shard = ShardWriter(shard_dir(self.path) / name, self.schema, prov, self.writer)
+            with self._write_errors(f"creating shard {name}"):
+                self._shard = ShardWriter(
+                    shard_dir(self.path) / name, self.schema, prov, self.writer
+                )
             self._seq += 1
         return self._shard
 
@@ -353,13 +459,13 @@ class CacheWriter:
         """Append a batch. arrays[name] has len(keys) rows; aliases maps extra keys to a key of
         this batch whose row they share (identical texts are stored once). A batch that would
         overflow the shard is split, so no shard holds more than `shard_items` rows."""
-        self._validate(keys, arrays)
+        self._validate(keys, arrays, aliases or {})
         start = 0
         while start < len(keys):
             shard = self._current()
             stop = min(len(keys), start + self.shard_items - shard.n)
             part = list(keys[start:stop])
-            with self._write_errors():
+            with self._write_errors(f"writing shard {shard.final_path.name}"):
                 shard.append(part, {n: arrays[n][start:stop] for n in self.schema.fields})
                 self._add_aliases(shard, shard.n - len(part), part, aliases or {})
             self.done.update(part)
@@ -377,10 +483,18 @@ class CacheWriter:
             self.done.update(mine)
 
     def add_failure(self, key: str, path: str, reason: str) -> None:
-        self._current().append_failure(key, path, reason)
-        self.done.add(key)
+        """Record an item that could not be read; `storable(key)` is what lands in `done`."""
+        shard = self._current()
+        with self._write_errors(f"writing shard {shard.final_path.name}"):
+            shard.append_failure(key, path, reason)
+        self.done.add(storable(key))
 
-    def _validate(self, keys: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
+    def _validate(
+        self, keys: Sequence[str], arrays: dict[str, np.ndarray], aliases: dict[str, str]
+    ) -> None:
+        for key in (*keys, *aliases):
+            if storable(key) != key:
+                raise CacheError(f"{self.path}: key {key!r} is not valid UTF-8 text")
         for name, (shape, _) in self.schema.fields.items():
             value = arrays.get(name)
             if value is None:
@@ -395,7 +509,7 @@ class CacheWriter:
     def flush(self) -> None:
         """Finish the current shard (if any rows or failures) and make it visible."""
         if self._shard is not None:
-            with self._write_errors():
+            with self._write_errors(f"finishing shard {self._shard.final_path.name}"):
                 if self._shard.n or self._shard.n_failures:
                     self._shard.finish()
                 else:
@@ -403,29 +517,32 @@ class CacheWriter:
             self._shard = None
 
     @contextlib.contextmanager
-    def _write_errors(self):
+    def _write_errors(self, what: str):
         """A full disk or file-size limit surfaces from HDF5 as OSError or RuntimeError: drop the
         partial shard and say what to do; complete shards are untouched."""
         try:
             yield
+        except CacheError:
+            raise
         except (OSError, RuntimeError) as err:
             self.abort()
-            raise CacheError(
-                f"writing a shard of {self.path} failed ({err}); the complete "
-                "shards are intact: fix the cause (disk space?) and rerun the same "
-                "command with --resume"
-            ) from err
+            raise CacheWriteError(write_error_message(self.path, what, err)) from err
 
     def close(self) -> None:
-        self.flush()
-        if self.build_index_on_close:
-            build_index(self.path)
+        try:
+            self.flush()
+            if self.build_index_on_close:
+                build_index(self.path)
+        finally:
+            self._lock.release()
 
     def abort(self) -> None:
         """Drop the partial shard; complete shards stay for --resume."""
         shard, self._shard = self._shard, None
         if shard is not None:
             shard.abort()
+        if hasattr(self, "_lock"):
+            self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -437,74 +554,107 @@ class CacheWriter:
             self.abort()
 
 
-# Provenance keys that must agree between a resumed run and the shards it continues.
-RESUME_MUST_MATCH = (
-    "backbone",
-    "model",
-    "weights_sha256",
-    "seed",
-    "preprocessing",
-    "dtype",
-    "dataset",
-    "split",
-    "box_policy",
-)
+def write_error_message(path: Path, what: str, err: BaseException) -> str:
+    return (
+        f"{path}: {what} failed ({err}); the complete shards are intact: fix the cause (disk "
+        "space?) and rerun the same command with --resume"
+    )
 
 
 def build_index(path: str | Path) -> dict:
-    """Tie every complete shard beside `path` into the index file, atomically. Returns a summary."""
+    """Tie every complete shard beside `path` into the index file, atomically. Returns a summary.
+    All shards must share one schema and one provenance identity, and no key may repeat."""
     path = Path(path)
     shards = complete_shards(path)
     if not shards:
         raise CacheError(f"{path}: no complete shards in {shard_dir(path)}")
-    rows_keys, alias_keys, alias_rows, failures, table = [], [], [], [], []
-    first_attrs, offset = None, 0
-    for shard in shards:
-        keys, akeys, arows, _ = read_shard_keys(shard)
-        with h5py.File(shard, "r") as h5:
-            attrs = dict(h5.attrs)
-            failures += zip(
-                _decode(h5["failed_keys"][:]),
-                _decode(h5["failed_paths"][:]),
-                _decode(h5["failed_reasons"][:]),
-                strict=True,
-            )
-        if first_attrs is None:
-            first_attrs = attrs
-        elif attrs["schema"] != first_attrs["schema"]:
-            raise CacheError(f"{shard}: schema differs from {shards[0]}")
-        rows_keys += keys
-        alias_keys += akeys
-        alias_rows += [offset + int(r) for r in arows]
-        table.append((shard.name, len(keys), shard.stat().st_size, shard_checksum(shard)))
-        offset += len(keys)
-    all_keys = rows_keys + alias_keys
-    _check_unique(path, all_keys, shards)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if index_state(path) == "foreign":
+        raise CacheError(f"{path} exists and is not a vlpipe index; it is not replaced")
+    infos = [read_shard(s) for s in shards]
+    for info in infos[1:]:
+        _check_same_run(path, infos[0], info)
+    table = index_tables(infos)
+    _check_unique(path, table["keys"], shards)
+    tmp = index_tmp(path)
+    try:
+        _write_index(tmp, path, infos, table)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CacheWriteError(write_error_message(path, "writing the index", err)) from err
+    return {
+        "rows": int(table["offsets"][-1]),
+        "keys": len(table["keys"]),
+        "failures": len(table["failures"]),
+        "shards": len(infos),
+    }
+
+
+def _check_same_run(path: Path, first: ShardInfo, info: ShardInfo) -> None:
+    hint = f"run `vlpipe verify --repair {path}` to move shards that do not belong aside"
+    if info.schema != first.schema:
+        raise CacheError(f"{info.path}: schema differs from {first.path.name}'s; {hint}")
+    diff = identity_diff(first.provenance, info.provenance)
+    if diff:
+        raise CacheError(
+            f"{info.path}: from another run than {first.path.name} (differs: {diff}); {hint}"
+        )
+
+
+def index_tables(infos: Sequence[ShardInfo]) -> dict:
+    """The key table (row keys, then alias keys) and row offsets an index holds for `infos`."""
+    rows_keys, alias_keys, alias_rows, failures = [], [], [], []
+    offsets = [0]
+    for info in infos:
+        rows_keys += info.keys
+        alias_keys += info.alias_keys
+        alias_rows += [offsets[-1] + int(r) for r in info.alias_rows]
+        failures += info.failures
+        offsets.append(offsets[-1] + info.rows)
+    n = offsets[-1]
+    key_rows = np.concatenate([np.arange(n), np.asarray(alias_rows, np.int64)]).astype(np.int64)
+    return {
+        "keys": rows_keys + alias_keys,
+        "key_rows": key_rows,
+        "failures": failures,
+        "offsets": np.asarray(offsets, np.int64),
+    }
+
+
+def _write_index(tmp: Path, path: Path, infos: Sequence[ShardInfo], table: dict) -> None:
+    prov = {k: v for k, v in infos[0].provenance.items() if k != "shard"}
+    names = [i.path.name for i in infos]
     with h5py.File(tmp, "w") as h5:
-        for name in ("schema_version", "kind", "schema", "provenance"):
-            h5.attrs[name] = first_attrs[name]
-        h5.attrs["n_rows"], h5.attrs["n_keys"], h5.attrs["n_failures"] = (
-            offset,
-            len(all_keys),
-            len(failures),
-        )
-        h5["shard_files"] = np.array([t[0] for t in table], dtype=object).astype(_STR)
-        h5["shard_rows"] = np.array([t[1] for t in table], np.int64)
-        h5["shard_bytes"] = np.array([t[2] for t in table], np.int64)
-        h5["shard_sha256"] = np.array([t[3] for t in table], dtype=object).astype(_STR)
-        h5.create_dataset("keys", data=np.array(all_keys, dtype=object), dtype=_STR)
-        h5["key_rows"] = np.concatenate(
-            [np.arange(offset), np.asarray(alias_rows, np.int64)]
-        ).astype(np.int64)
-        h5.create_dataset(
-            "failures", data=np.array(failures or np.empty((0, 3)), dtype=object), dtype=_STR
-        )
+        h5.attrs["schema_version"] = SCHEMA_VERSION
+        h5.attrs["kind"] = Schema.from_json(infos[0].schema).kind
+        h5.attrs["schema"] = infos[0].schema
+        h5.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+        h5.attrs["identity"] = json.dumps(provenance_identity(prov), sort_keys=True)
+        h5.attrs["identity_sha256"] = identity_digest(prov)
+        h5.attrs["n_rows"] = int(table["offsets"][-1])
+        h5.attrs["n_keys"] = len(table["keys"])
+        h5.attrs["n_failures"] = len(table["failures"])
+        h5["shard_files"] = _strings(names)
+        h5["shard_rows"] = np.array([i.rows for i in infos], np.int64)
+        h5["shard_bytes"] = np.array([i.path.stat().st_size for i in infos], np.int64)
+        h5["shard_sha256"] = _strings([shard_checksum(i.path) for i in infos])
+        h5["shard_keys_sha256"] = _strings([i.keys_sha256 for i in infos])
+        h5["shard_identity_sha256"] = _strings([i.identity_sha256 for i in infos])
+        h5.create_dataset("keys", data=np.array(table["keys"], dtype=object), dtype=_STR)
+        h5["key_rows"] = table["key_rows"]
+        failures = np.array(table["failures"] or np.empty((0, 3)), dtype=object)
+        h5.create_dataset("failures", data=failures, dtype=_STR)
         links = h5.create_group("shards")
-        for name, *_ in table:
+        for name in names:
             links[name] = h5py.ExternalLink(f"{shard_dir(path).name}/{name}", "/")
-    os.replace(tmp, path)
-    return {"rows": offset, "keys": len(all_keys), "failures": len(failures), "shards": len(table)}
+        h5.flush()
+        os.fsync(h5.id.get_vfd_handle())
+
+
+def _strings(values: Sequence[str]) -> np.ndarray:
+    return np.array(list(values), dtype=object).astype(_STR)
 
 
 SPAN_BYTES = 8 << 20  # read a whole span when it costs at most this much
@@ -535,38 +685,147 @@ def _check_unique(path: Path, keys: list[str], shards: list[Path]) -> None:
         )
 
 
+CHECKS = ("none", "light", "full")
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One row of the index's shard table (the two digests are None in schema v1 indexes)."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+    keys_sha256: str | None
+    identity_sha256: str | None
+
+
+def check_links(h5: h5py.File, where: Path, *, index: bool) -> None:
+    """Refuse objects that pull data from other files: soft and external links (except the
+    index's /shards/<name> links into the cache's own folder), external raw storage and
+    virtual datasets. Only top-level objects are read by vlpipe, so only they are checked."""
+    for name in h5:
+        link = h5.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            target = getattr(link, "filename", "") + ":" + getattr(link, "path", "")
+            raise CacheError(
+                f"{where}: /{name} is a {type(link).__name__} to {target}; a vlpipe file holds "
+                "its data itself, so it is not read"
+            )
+        obj = h5[name]
+        if index and name == "shards" and isinstance(obj, h5py.Group):
+            _check_shard_links(obj, where)
+        elif isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+            raise CacheError(
+                f"{where}: dataset /{name} keeps its data in other files (external or virtual "
+                "storage); a vlpipe file holds its data itself, so it is not read"
+            )
+
+
+def _check_shard_links(group: h5py.Group, index: Path) -> None:
+    for member in group:
+        link = group.get(member, getlink=True)
+        expected = f"{shard_dir(index).name}/{member}"
+        if not (
+            isinstance(link, h5py.ExternalLink)
+            and link.filename == expected
+            and link.path == "/"
+            and SHARD_NAME.fullmatch(member)
+        ):
+            target = getattr(link, "filename", type(link).__name__)
+            raise CacheError(
+                f"{index}: /shards/{member} links to {target}, not to {expected}; the index is "
+                f"damaged or crafted: run `vlpipe verify --repair {index}`"
+            )
+
+
 class FeatureCache:
     """Random access to a cache by key or by row, safe to hand to DataLoader workers.
 
     Only the index (keys and row numbers) is held in memory; features are read on demand. HDF5
     handles are opened lazily and re-opened after a fork, so no handle crosses a process boundary.
+
+    check: what is verified when a shard is first opened in a process: "light" (default) its
+    size, rows, schema, provenance identity and keys against the index's record (cost measured
+    in docs/benchmarks.md), "full" also its sha256 (reads the whole shard once), "none"
+    nothing. Always: every shard the index names lies inside `<cache>.shards/`, and neither the
+    index nor a shard pulls data from other files.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, check: str = "light"):
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
+        self.path, self.check = Path(path), check
+        if self.path.is_dir():
+            raise CacheError(f"{self.path} is a directory, not a cache index file")
         if not self.path.exists():
-            raise CacheError(f"{self.path}: no such cache")
-        with h5py.File(self.path, "r") as h5:
-            if int(h5.attrs.get("schema_version", -1)) > SCHEMA_VERSION:
-                raise CacheError(
-                    f"{self.path}: schema version {h5.attrs['schema_version']} is newer "
-                    f"than this vlpipe ({SCHEMA_VERSION}); upgrade vlpipe"
-                )
-            self.schema = Schema.from_json(h5.attrs["schema"])
-            self.provenance = json.loads(h5.attrs["provenance"])
-            self.shard_files = _decode(h5["shard_files"][:])
-            shard_rows = h5["shard_rows"][:]
-            # utf-8 bytes, not numpy unicode: 4x less memory for the one O(N) table we hold.
-            self._keys = np.array(h5["keys"][:].tolist(), dtype=bytes)
-            self._key_rows = h5["key_rows"][:]
-            self.failures = [tuple(_decode(r)) for r in h5["failures"][:]]
-        self._starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(np.int64)
-        self._order = np.argsort(self._keys, kind="stable")
-        self._sorted_keys = self._keys[self._order]
+            raise CacheError(missing_index_message(self.path))
+        try:
+            with h5py.File(self.path, "r") as h5:
+                self._load_index(h5)
+        except OSError as err:
+            raise CacheError(
+                f"{self.path}: not a readable cache index ({err}); `vlpipe verify --repair "
+                f"{self.path}` rebuilds it from its shards"
+            ) from err
+        except KeyError as err:
+            raise CacheError(f"{self.path}: the index lacks {err}; it is damaged") from err
+        self._starts = np.concatenate([[0], np.cumsum([r.rows for r in self.shard_table])])
+        self._starts = self._starts.astype(np.int64)
+        self._check_tables()
         self._handles: dict[int, h5py.File] = {}
         # Dataset objects kept open: re-opening one per read throws HDF5's chunk cache away.
         self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
+        self._checked: set[int] = set()
         self._pid = os.getpid()
+
+    def _load_index(self, h5: h5py.File) -> None:
+        if not all(a in h5.attrs for a in ("schema_version", "schema", "provenance")):
+            raise CacheError(f"{self.path}: not a vlpipe cache (no vlpipe schema attributes)")
+        self.schema_version = int(h5.attrs["schema_version"])
+        if self.schema_version > SCHEMA_VERSION:
+            raise CacheError(
+                f"{self.path}: schema version {self.schema_version} is newer than this "
+                f"vlpipe ({SCHEMA_VERSION}); upgrade vlpipe"
+            )
+        check_links(h5, self.path, index=True)
+        self.schema = Schema.from_json(h5.attrs["schema"])
+        self._schema_json = str(h5.attrs["schema"])
+        self.provenance = json.loads(h5.attrs["provenance"])
+        self.identity = provenance_identity(self.provenance)
+        self.identity_sha256 = identity_digest(self.provenance)
+        names = _decode(h5["shard_files"][:])
+        self._paths = [shard_path(self.path, n) for n in names]
+
+        def column(name: str) -> list:
+            return _decode(h5[name][:]) if name in h5 else [None] * len(names)
+
+        self.shard_table = [
+            ShardRecord(*row)
+            for row in zip(
+                names,
+                h5["shard_rows"][:].tolist(),
+                h5["shard_bytes"][:].tolist(),
+                column("shard_sha256"),
+                column("shard_keys_sha256"),
+                column("shard_identity_sha256"),
+                strict=True,
+            )
+        ]
+        # keys as utf-8 bytes in one buffer: memory follows their total length (vlpipe.keytable)
+        self._table = KeyTable(_raw(h5["keys"][:]))
+        self._key_rows = h5["key_rows"][:].astype(np.int64)
+        self.failures = [tuple(_decode(r)) for r in h5["failures"][:]]
+
+    def _check_tables(self) -> None:
+        rows = self._key_rows
+        if len(rows) != len(self._table) or (
+            len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows)
+        ):
+            raise CacheError(
+                f"{self.path}: the key table does not fit the shard table (damaged index); "
+                f"run `vlpipe verify --repair {self.path}`"
+            )
 
     @property
     def kind(self) -> str:
@@ -577,47 +836,91 @@ class FeatureCache:
         return self.schema.fields
 
     @property
+    def shard_files(self) -> list[str]:
+        return [r.name for r in self.shard_table]
+
+    @property
     def num_rows(self) -> int:
         return int(self._starts[-1])
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._table)
 
     def keys(self) -> list[str]:
-        return _decode(self._keys)
+        return self._table.keys()
+
+    def index_entries(self) -> tuple[list[str], np.ndarray]:
+        """The key table as the index stores it: keys and their rows (for `vlpipe verify`)."""
+        return self._table.keys(), self._key_rows.copy()
 
     def __contains__(self, key: str) -> bool:
-        return bool(self._find([key])[1][0])
+        return bool(self._table.find([key])[0] >= 0)
 
     def contains(self, keys: Sequence[str]) -> np.ndarray:
         """Vectorised `key in cache` for many keys (bool array)."""
-        return self._find(keys)[1] if len(keys) else np.zeros(0, dtype=bool)
-
-    def _find(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(position in sorted order, found?) of each key."""
-        query = np.array([k.encode() for k in keys], dtype=bytes)
-        pos = np.minimum(np.searchsorted(self._sorted_keys, query), len(self._sorted_keys) - 1)
-        return pos, self._sorted_keys[pos] == query
+        return self._table.find(keys) >= 0
 
     def rows_of(self, keys: Sequence[str]) -> np.ndarray:
         """Row number of each key; KeyError names the first missing one."""
-        pos, found = self._find(keys)
-        if not np.all(found):
-            raise KeyError(f"{self.path}: key {keys[int(np.argmin(found))]!r} is not in the cache")
-        return self._key_rows[self._order[pos]]
+        pos = self._table.find(keys)
+        if np.any(pos < 0):
+            raise KeyError(f"{self.path}: key {keys[int(np.argmin(pos))]!r} is not in the cache")
+        return self._key_rows[pos]
 
     def _file(self, shard: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: never touch the parent's handles
             self._handles, self._datasets, self._pid = {}, {}, os.getpid()
         h5 = self._handles.get(shard)
         if h5 is None:
-            name = shard_dir(self.path) / self.shard_files[shard]
+            name = self._paths[shard]
             try:
                 h5 = h5py.File(name, "r")
             except OSError as err:
                 raise CacheError(f"{name}: cannot open shard ({err})") from err
+            try:
+                self._check_shard(shard, h5)
+            except BaseException:
+                h5.close()
+                raise
             self._handles[shard] = h5
         return h5
+
+    def _check_shard(self, i: int, h5: h5py.File) -> None:
+        path, rec = self._paths[i], self.shard_table[i]
+        check_links(h5, path, index=False)
+        if self.check == "none" or i in self._checked:
+            return
+        try:
+            problems = self._shard_problems(rec, path, h5)
+        except (KeyError, ValueError, OSError) as err:
+            problems = [f"unreadable ({err})"]
+        if problems:
+            raise CacheError(
+                f"{path}: does not match the index {self.path}: {'; '.join(problems)}; run "
+                f"`vlpipe verify {self.path}`"
+            )
+        self._checked.add(i)
+
+    def _shard_problems(self, rec: ShardRecord, path: Path, h5: h5py.File) -> list[str]:
+        problems = []
+        size = path.stat().st_size
+        if size != rec.bytes:
+            problems.append(f"{size} bytes, the index recorded {rec.bytes}")
+        if len(h5["keys"]) != rec.rows:
+            problems.append(f"{len(h5['keys'])} rows, the index recorded {rec.rows}")
+        if str(h5.attrs["schema"]) != self._schema_json:
+            problems.append("another schema")
+        if identity_digest(json.loads(h5.attrs["provenance"])) != (
+            rec.identity_sha256 or self.identity_sha256
+        ):
+            problems.append("another provenance identity (a shard of another run?)")
+        if rec.keys_sha256 is not None and rec.keys_sha256 != keys_digest(
+            _raw(h5["keys"][:]), _raw(h5["alias_keys"][:]), h5["alias_rows"][:]
+        ):
+            problems.append("other keys than the index recorded")
+        if self.check == "full" and sha256_file(path) != rec.sha256:
+            problems.append("its sha256 differs from the index's record")
+        return problems
 
     def read_rows(
         self, rows: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None
@@ -687,16 +990,17 @@ class FeatureCache:
         return {
             "path": str(self.path),
             "kind": self.kind,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "items": len(self),
             "rows": self.num_rows,
-            "shards": len(self.shard_files),
+            "shards": len(self.shard_table),
             "failures": len(self.failures),
             "fields": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.fields.items()},
-            "sample_keys": self.keys()[:n_samples],
+            "sample_keys": [self._table.key(i) for i in range(min(n_samples, len(self)))],
             "failed": [
                 dict(zip(("key", "path", "reason"), f, strict=True))
                 for f in self.failures[:n_samples]
             ],
+            "identity_sha256": self.identity_sha256,
             "provenance": self.provenance,
         }

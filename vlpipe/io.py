@@ -23,3 +23,77 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is what it wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: dict):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by {describe_holder(holder)}")
+
+
+def describe_holder(holder: dict) -> str:
+    if not holder:
+        return "another process (it wrote no details)"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}" + (
+        f" ({holder['command']})" if holder.get("command") else ""
+    )
+
+
+class FileLock:
+    """An exclusive `flock` on a lock file, taken without waiting (LockHeld if another process
+    has it). The kernel releases it when the process ends, however it ends, so a killed run
+    never leaves a stale lock; the file only records who held it last (pid, host, start time)
+    for the message of whoever is refused. Forked children share the lock until they exit."""
+
+    def __init__(self, path: str | Path, command: str = ""):
+        self.path, self.command = Path(path), command
+        self._fd: int | None = None
+
+    def acquire(self) -> FileLock:
+        import fcntl
+        import json
+        import socket
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise LockHeld(self.path, holder) from None
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(info, command=self.command)).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *_) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict:
+    import json
+
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (ValueError, OSError):
+        return {}

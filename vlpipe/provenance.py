@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import time
 from importlib import metadata
@@ -10,6 +11,49 @@ from pathlib import Path
 
 RANDOM_INIT = "random-init"
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+# The provenance fields that define what the features are. Two caches (or two shards of one)
+# with the same identity hold interchangeable features; everything else in provenance (time,
+# host, package versions, dataset root, shard name) is incidental. A field a cache lacks counts
+# as None. The seed defines the features only for random-init weights.
+IDENTITY_FIELDS = (
+    "backbone",
+    "model",
+    "weights_sha256",
+    "seed",
+    "preprocessing",
+    "dtype",
+    "precision",
+    "dataset",
+    "split",
+    "box_policy",
+    "box_convention",
+    "impl",
+    "source_format",  # `vlpipe import`: the file format, key rule and box count it read
+    "key_rule",
+    "img_id_format",
+    "max_boxes",
+)
+
+
+def provenance_identity(provenance: dict) -> dict:
+    """The identity part of a cache's provenance (see IDENTITY_FIELDS), JSON-normalised."""
+    identity = {name: provenance.get(name) for name in IDENTITY_FIELDS}
+    if identity["weights_sha256"] != RANDOM_INIT:
+        identity["seed"] = None
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def identity_digest(provenance: dict) -> str:
+    """sha256 of `provenance_identity(provenance)`: equal digests, interchangeable features."""
+    text = json.dumps(provenance_identity(provenance), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity_diff(ours: dict, theirs: dict) -> dict[str, tuple]:
+    """Identity fields that differ between two provenances: name -> (theirs, ours)."""
+    a, b = provenance_identity(ours), provenance_identity(theirs)
+    return {k: (b[k], a[k]) for k in IDENTITY_FIELDS if a[k] != b[k]}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22, cached: bool = True) -> str:
