@@ -37,6 +37,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +194,9 @@ class ShardWriter:
         except BaseException:
             self.tmp_path.unlink(missing_ok=True)
             raise
+        # Datasets stay open while the shard is written: a write that fails (disk full) then
+        # fails in the call that made it, not later while h5py releases a dataset object.
+        self._ds: dict[str, h5py.Dataset] = {}
         try:
             self._create(provenance, writer)
         except BaseException:
@@ -210,38 +215,40 @@ class ShardWriter:
         for name in ("failed_keys", "failed_paths", "failed_reasons", "alias_keys"):
             self.h5.create_dataset(name, (0,), _STR, maxshape=(None,), chunks=(256,))
         self.h5.create_dataset("alias_rows", (0,), np.int64, maxshape=(None,), chunks=(256,))
+        self._ds = {name: self.h5[name] for name in self.h5}
 
     def append(self, keys: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
         n, m = self.n, len(keys)
-        _append(self.h5["keys"], n, list(keys))
+        _append(self._ds["keys"], n, list(keys))
         for name, (_, dtype) in self.schema.fields.items():
             value = arrays[name] if dtype == "str" else np.asarray(arrays[name], dtype=dtype)
-            _append(self.h5[name], n, value)
+            _append(self._ds[name], n, value)
         self.n += m
 
     def append_aliases(self, keys: Sequence[str], rows: Sequence[int]) -> None:
-        _append(self.h5["alias_keys"], self.n_aliases, list(keys))
-        _append(self.h5["alias_rows"], self.n_aliases, np.asarray(rows, np.int64))
+        _append(self._ds["alias_keys"], self.n_aliases, list(keys))
+        _append(self._ds["alias_rows"], self.n_aliases, np.asarray(rows, np.int64))
         self.n_aliases += len(keys)
 
     def append_failure(self, key: str, path: str, reason: str) -> None:
-        i = len(self.h5["failed_keys"])
+        i = len(self._ds["failed_keys"])
         for name, value in (
             ("failed_keys", key),
             ("failed_paths", path),
             ("failed_reasons", reason),
         ):
-            _append(self.h5[name], i, [storable(value)])
+            _append(self._ds[name], i, [storable(value)])
 
     @property
     def n_failures(self) -> int:
-        return len(self.h5["failed_keys"])
+        return len(self._ds["failed_keys"])
 
     def finish(self) -> Path:
         self.h5.attrs["n_items"] = self.n
         self.h5.flush()
         fd = self.h5.id.get_vfd_handle()
         os.fsync(fd)
+        self._ds = {}
         self.h5.close()
         # The checksum sits beside the shard (a file cannot hold its own hash); `vlpipe verify`
         # compares it with the bytes on disk. It is written before the rename, so every
@@ -253,9 +260,33 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Throw the partial shard away (after a crash-like error the file may not close)."""
-        with contextlib.suppress(RuntimeError, OSError, ValueError):
-            self.h5.close()
+        with _quiet_teardown(), contextlib.suppress(RuntimeError, OSError, ValueError):
+            self._ds = {}
+            if hasattr(self, "h5"):
+                self.h5.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_teardown():
+    """Releasing the objects of a file whose writes failed makes h5py print the same I/O error
+    again and again (Cython prints errors in `__dealloc__` through sys.excepthook, then
+    sys.unraisablehook); the error itself was already raised, so those are dropped here."""
+    hooks = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb) -> None:
+        if not isinstance(value, RuntimeError | OSError):
+            hooks[0](kind, value, tb)
+
+    def unraisablehook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, RuntimeError | OSError):
+            hooks[1](unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook = hooks
 
 
 def shard_checksum(shard: Path) -> str:
@@ -556,9 +587,23 @@ class CacheWriter:
 
 def write_error_message(path: Path, what: str, err: BaseException) -> str:
     return (
-        f"{path}: {what} failed ({err}); the complete shards are intact: fix the cause (disk "
-        "space?) and rerun the same command with --resume"
+        f"{path}: {what} failed ({describe_os_error(err)}); the complete shards are intact: fix "
+        "the cause (disk space?) and rerun the same command with --resume"
     )
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")
+
+
+def describe_os_error(err: BaseException) -> str:
+    """One line for an I/O error: the OS's words when known (HDF5 buries them in a long
+    multi-line report), else the error's own first 200 characters."""
+    found = _HDF5_ERRNO.search(str(err))
+    if found:
+        return f"{found.group(2)}, errno {found.group(1)}"
+    if isinstance(err, OSError) and err.strerror:
+        return " ".join(err.strerror.split())[:200]
+    return " ".join(str(err).split())[:200]
 
 
 def build_index(path: str | Path) -> dict:
