@@ -72,15 +72,34 @@ def test_cli_refuses_other_files_and_a_directory(tmp_path, image_folder):
     assert "results.h5 exists and is not a vlpipe cache" in out and "Traceback" not in out
     out = vlpipe(*vit_args(image_folder, tmp_path, "--overwrite"), code=1).output
     assert "is a directory" in out and "Traceback" not in out
-    from vlpipe.extract.interop import _b64_text
-
-    ids, conf, boxes = np.zeros(1, "<i8"), np.ones(1, "<f4"), np.zeros((1, 4), "<f4")
-    row = ["7", "10", "10", *map(_b64_text, (ids, conf, ids, conf)), "1", _b64_text(boxes)]
-    tsv = tmp_path / "x.tsv"
-    tsv.write_text("\t".join([*row, _b64_text(np.ones((1, 8), "<f4"))]) + "\n")
+    tsv = write_tsv(tmp_path / "x.tsv", 1)
     out = vlpipe("import", tsv, "--format", "lxmert-tsv", "--out", path, "--overwrite", code=1)
     assert "results.h5 exists and is not a vlpipe cache" in out.output
     assert path.read_bytes() == before
+
+
+def write_tsv(path: Path, n: int) -> Path:
+    """n one-box images in LXMERT's TSV format, img_id 0..n-1."""
+    from vlpipe.extract.interop import _b64_text
+
+    ids, conf, boxes = np.zeros(1, "<i8"), np.ones(1, "<f4"), np.zeros((1, 4), "<f4")
+    rows = []
+    for i in range(n):
+        feats = np.full((1, 8), i, "<f4")
+        fields = [str(i), "10", "10", *map(_b64_text, (ids, conf, ids, conf)), "1"]
+        rows.append("\t".join([*fields, _b64_text(boxes), _b64_text(feats)]))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_import_resumes(tmp_path):
+    tsv, out = write_tsv(tmp_path / "x.tsv", 5), tmp_path / "c.h5"
+    vlpipe("import", tsv, "--format", "lxmert-tsv", "--out", out, "--limit", 2)
+    vlpipe("import", tsv, "--format", "lxmert-tsv", "--out", out, code=1)  # exists
+    vlpipe("import", tsv, "--format", "lxmert-tsv", "--out", out, "--resume")
+    cache = FeatureCache(out)
+    assert len(cache) == 5 and len(cache.shard_files) == 2
+    assert cache.read(["4", "0"])["image_feats"][:, 0, 0].tolist() == [4, 0]
 
 
 HOLD = """

@@ -113,8 +113,8 @@ def test_two_rank_extraction_never_replaces_another_file(tmp_path):
         h5["mine"] = [1, 2, 3]
     before = target.read_bytes()
     args = ["extract", "--dataset", "folder", "--root", tmp_path / "imgs", *TINY_VIT_ARGS]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", "29534", "-m", "vlpipe", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    cmd += ["-m", "vlpipe", *map(str, args)]  # --standalone: a free port of its own
     cmd += ["--out", str(target), "--overwrite"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

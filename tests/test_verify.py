@@ -272,7 +272,9 @@ def test_schema_v1_cache_reads_and_verifies_what_it_recorded(v1_cache):
 
 def test_missing_index_says_the_shards_are_there_and_how_to_resume(cache):
     cache.unlink()
-    with pytest.raises(CacheError, match=r"no index yet, but 4 complete shards .* --resume"):
+    with pytest.raises(
+        CacheError, match=r"no index yet, but 4 complete shards \(10 items\) .* --resume"
+    ):
         FeatureCache(cache)
 
 

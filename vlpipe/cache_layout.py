@@ -241,9 +241,55 @@ def missing_index_message(path: Path) -> str:
     shards = complete_shards(path)
     if not shards:
         return f"{path}: no such cache"
+    items = 0
+    for shard in shards:
+        with contextlib.suppress(OSError, KeyError, ValueError), h5py.File(shard, "r") as h5:
+            items += int(h5.attrs["n_items"])
     return (
-        f"{path}: no index yet, but {len(shards)} complete shards are in {shard_dir(path)}: the "
-        "extraction stopped before it finished; rerun the same `vlpipe extract` command with "
-        f"--resume to complete it (or `vlpipe verify --repair {path}` to index the shards as "
-        "they are)"
+        f"{path}: no index yet, but {len(shards)} complete shards ({items} items) are in "
+        f"{shard_dir(path)}: the extraction stopped before it finished; rerun the same `vlpipe "
+        f"extract` command with --resume to complete it (or `vlpipe verify --repair {path}` to "
+        "index the shards as they are)"
     )
+
+
+# ---- what a cache's files may point to ----------------------------------------------------
+
+
+def check_links(h5: h5py.File, where: Path, *, index: bool) -> None:
+    """Refuse objects that pull data from other files: soft and external links (except the
+    index's /shards/<name> links into the cache's own folder), external raw storage and
+    virtual datasets. Only top-level objects are read by vlpipe, so only they are checked."""
+    for name in h5:
+        link = h5.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            target = getattr(link, "filename", "") + ":" + getattr(link, "path", "")
+            raise CacheError(
+                f"{where}: /{name} is a {type(link).__name__} to {target}; a vlpipe file holds "
+                "its data itself, so it is not read"
+            )
+        obj = h5[name]
+        if index and name == "shards" and isinstance(obj, h5py.Group):
+            _check_shard_links(obj, where)
+        elif isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+            raise CacheError(
+                f"{where}: dataset /{name} keeps its data in other files (external or virtual "
+                "storage); a vlpipe file holds its data itself, so it is not read"
+            )
+
+
+def _check_shard_links(group: h5py.Group, index: Path) -> None:
+    for member in group:
+        link = group.get(member, getlink=True)
+        expected = f"{shard_dir(index).name}/{member}"
+        if not (
+            isinstance(link, h5py.ExternalLink)
+            and link.filename == expected
+            and link.path == "/"
+            and SHARD_NAME.fullmatch(member)
+        ):
+            target = getattr(link, "filename", type(link).__name__)
+            raise CacheError(
+                f"{index}: /shards/{member} links to {target}, not to {expected}; the index is "
+                f"damaged or crafted: run `vlpipe verify --repair {index}`"
+            )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -97,3 +100,47 @@ def _read_holder(fd: int) -> dict:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (ValueError, OSError):
         return {}
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def quiet_teardown():
+    """Releasing the objects of a file whose writes failed makes h5py print the same I/O error
+    again and again (Cython prints errors in `__dealloc__` through sys.excepthook, then
+    sys.unraisablehook); the error itself was already raised, so those are dropped here."""
+    hooks = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb) -> None:
+        if not isinstance(value, RuntimeError | OSError):
+            hooks[0](kind, value, tb)
+
+    def unraisablehook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, RuntimeError | OSError):
+            hooks[1](unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook = hooks
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+), error message = '([^']*)'")
+
+
+def describe_os_error(err: BaseException) -> str:
+    """One line for an I/O error: the OS's words when known (HDF5 buries them in a long
+    multi-line report), else the error's own first 200 characters."""
+    found = _HDF5_ERRNO.search(str(err))
+    if found:
+        return f"{found.group(2)}, errno {found.group(1)}"
+    if isinstance(err, OSError) and err.strerror:
+        return " ".join(err.strerror.split())[:200]
+    return " ".join(str(err).split())[:200]
