@@ -163,6 +163,11 @@ def lock_writer(path: Path, writer: str) -> FileLock:
             f"{path} is being written by {describe_holder(held.holder)} (lock {held.path}); "
             "two writers would corrupt each other's shards: wait for it to finish or stop it"
         ) from None
+    except OSError as err:
+        raise CacheError(
+            f"{lock.path}: cannot take the writer's lock ({err.strerror or err}); vlpipe "
+            "writes a cache only under a lock (does this filesystem support flock?)"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -1,12 +1,17 @@
-"""Small file helpers shared by the cache, checkpoints and submission files."""
+"""Small file helpers shared by the cache, checkpoints and submission files: atomic writes,
+lock files, and what to say about an I/O error."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import re
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -55,11 +60,6 @@ class FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> FileLock:
-        import fcntl
-        import json
-        import socket
-        import time
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,11 +67,15 @@ class FileLock:
             holder = _read_holder(fd)
             os.close(fd)
             raise LockHeld(self.path, holder) from None
+        except OSError:
+            os.close(fd)
+            raise
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(dict(info, command=self.command)).encode(), 0)
         self._fd = fd
+        with contextlib.suppress(OSError):  # who holds it is a courtesy (a full disk refuses it)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(dict(info, command=self.command)).encode(), 0)
         return self
 
     def release(self) -> None:
@@ -94,8 +98,6 @@ class FileLock:
 
 
 def _read_holder(fd: int) -> dict:
-    import json
-
     try:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (ValueError, OSError):

@@ -102,8 +102,11 @@ def check_shard(shard: Path) -> tuple[list[str], _Shard]:
     ]
     if n_items != info.rows:
         bad.append(f"n_items attribute {n_items} != {info.rows} keys")
-    if len(info.alias_keys) != len(info.alias_rows):
-        bad.append("alias keys and rows differ in length")
+    rows = np.asarray(info.alias_rows)
+    if len(info.alias_keys) != len(rows) or (
+        len(rows) and (rows.min() < 0 or rows.max() >= info.rows)
+    ):
+        bad.append("alias rows do not fit its rows")
     found.info = None if bad else info
     return [f"{shard.name}: {b}" for b in bad], found
 
