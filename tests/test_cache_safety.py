@@ -24,6 +24,7 @@ from vlpipe.cache import (
 )
 from vlpipe.keytable import KeyTable
 from vlpipe.provenance import identity_digest, provenance_identity
+from vlpipe.verify import repair
 
 SCHEMA = Schema.build("regions", REGION_SHAPES, "float16")
 
@@ -129,6 +130,10 @@ def test_second_writer_is_refused_naming_the_holder_until_it_dies(tmp_path, imag
             CacheWriter(path, schema, {}, resume=True)
         out = vlpipe(*vit_args(image_folder, path), code=1).output
         assert f"pid {holder.pid}" in out and ".lock-r0" in out
+        with pytest.raises(CacheBusyError, match=rf"pid {holder.pid}"):
+            CacheWriter(path, schema, {}, writer="r2", overwrite=True)  # would delete its files
+        with pytest.raises(CacheBusyError, match=rf"pid {holder.pid}"):
+            repair(path)
         with CacheWriter(path, schema, {}, writer="r1", resume=True, build_index_on_close=False):
             pass  # another writer id (another torchrun rank) has a lock of its own
     finally:

@@ -420,16 +420,20 @@ class CacheWriter:
             self.abort()
 
 
-def write_error_message(path: Path, what: str, err: BaseException) -> str:
+RESUME = "rerun the same command with --resume"
+
+
+def write_error_message(path: Path, what: str, err: BaseException, then: str = RESUME) -> str:
     return (
         f"{path}: {what} failed ({describe_os_error(err)}); the complete shards are intact: fix "
-        "the cause (disk space?) and rerun the same command with --resume"
+        f"the cause (disk space?) and {then}"
     )
 
 
-def build_index(path: str | Path) -> dict:
+def build_index(path: str | Path, *, then: str = RESUME) -> dict:
     """Tie every complete shard beside `path` into the index file, atomically. Returns a summary.
-    All shards must share one schema and one provenance identity, and no key may repeat."""
+    All shards must share one schema and one provenance identity, and no key may repeat.
+    `then`: what the message of a write error tells the user to do."""
     path = Path(path)
     shards = complete_shards(path)
     if not shards:
@@ -449,7 +453,7 @@ def build_index(path: str | Path) -> dict:
     except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise CacheWriteError(write_error_message(path, "writing the index", err)) from err
+        raise CacheWriteError(write_error_message(path, "writing the index", err, then)) from err
     return {
         "rows": int(table["offsets"][-1]),
         "keys": len(table["keys"]),

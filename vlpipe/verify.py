@@ -303,4 +303,4 @@ def repair(path: str | Path, report: Report | None = None) -> tuple[Report, dict
                 report.moved.append((shard, move_aside(shard, why)))
         if not complete_shards(path):
             raise CacheError(f"{path}: no intact shard left in {shard_dir(path)}")
-        return report, build_index(path)
+        return report, build_index(path, then=f"rerun `vlpipe verify --repair {path}`")
