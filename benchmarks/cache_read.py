@@ -19,6 +19,9 @@ to first batch (constructing the reader -> first batch in hand), RSS after the i
 and peak RSS (VmHWM) of the main process and of its largest worker (sampled after every batch;
 "-" without workers). If /proc/sys/vm/drop_caches is writable, every variant runs once after
 dropping the page cache ("cold") and once again ("warm"); otherwise warm only, as printed.
+--checks runs the hdf5 variants once per reader check level (`FeatureCache(check=...)`: none,
+light = size/rows/schema/identity/keys of each shard against the index when first opened,
+full = light + sha256 of each shard), printed as e.g. hdf5-main:light.
 
     python benchmarks/cache_read.py                                  # ~4 min here, ~1.2 GB of disk
     python benchmarks/cache_read.py --items 20000 --vit-items 10000 --workers 8 --workdir /scratch
@@ -64,6 +67,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="rounds; the fastest counts")
     p.add_argument("--no-cold", action="store_true", help="skip the dropped-page-cache runs")
     p.add_argument("--workdir", type=Path, help="where the data goes (default: a temp dir)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--checks", default="light", help="FeatureCache check levels, e.g. none,light")
+    p.add_argument("--shard-items", type=int, help="items per shard (default: vlpipe's ~1 GiB)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     return p.parse_args()
 
@@ -82,14 +88,15 @@ def fake_items(schema: Schema, n: int, rng: np.random.Generator) -> dict[str, np
     return out
 
 
-def write_both(kind: str, n: int, work: Path, pool: int = 256) -> dict:
+def write_both(kind: str, n: int, work: Path, shard_items: int | None, pool: int = 256) -> dict:
     """The same n items into an HDF5 cache and into n .npz files; seconds and bytes of each."""
     schema, rng = SCHEMAS[kind], np.random.default_rng(0)
     data = fake_items(schema, pool, rng)  # a pool reused cyclically: content does not matter
     keys = [f"{kind}/{i:07d}" for i in range(n)]
     cache, folder = work / f"{kind}.h5", work / f"{kind}_npz"
     start = time.perf_counter()
-    with CacheWriter(cache, schema, {"bench": kind}, shard_items=_default_shard_items(schema)) as w:
+    shard_items = shard_items or _default_shard_items(schema)
+    with CacheWriter(cache, schema, {"bench": kind}, shard_items=shard_items) as w:
         for lo in range(0, n, pool):
             part = keys[lo : lo + pool]
             w.add(part, {f: v[: len(part)] for f, v in data.items()})
@@ -148,7 +155,7 @@ def batches(variant: str, spec: dict, order: np.ndarray, worker_pids: list[int])
     """Yield batches of the variant's reader; constructing the reader happens in here."""
     bs = spec["batch_size"]
     if variant.startswith("hdf5"):
-        cache = FeatureCache(spec["cache"])
+        cache = FeatureCache(spec["cache"], check=spec["check"])
         names = cache.keys()
     else:
         names = sorted(p[: -len(".npz")] for p in os.listdir(spec["folder"]))
@@ -193,6 +200,25 @@ def run_child(spec: dict) -> dict:
 # ---- orchestration ------------------------------------------------------------------------------
 
 
+def open_times(cache: str, checks: list[str], rounds: int = 15) -> str:
+    """Median time to open the first shard and run its check, per check level (sha256 digests
+    are not reused between rounds)."""
+    from vlpipe import provenance
+
+    parts = []
+    for check in checks:
+        times = []
+        for _ in range(rounds):
+            provenance._HASH_CACHE.clear()
+            reader = FeatureCache(cache, check=check)
+            start = time.perf_counter()
+            reader._file(0)
+            times.append(time.perf_counter() - start)
+            reader.close()
+        parts.append(f"{check} {sorted(times)[rounds // 2] * 1e3:.1f}")
+    return "open one shard + its check, ms (median): " + ", ".join(parts)
+
+
 def can_drop_caches() -> bool:
     try:
         drop_caches()
@@ -208,7 +234,9 @@ def drop_caches() -> None:
 
 def measure(variant: str, written: dict, args: argparse.Namespace, cold: bool) -> dict:
     """One variant in a fresh interpreter, so its peak RSS is its own."""
+    variant, _, check = variant.partition(":")
     spec = dict(written, variant=variant, batch_size=args.batch_size, workers=args.workers)
+    spec["check"] = check or "none"  # npz variants ignore it
     if cold:
         drop_caches()
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
@@ -220,8 +248,14 @@ def best_of(written: dict, args: argparse.Namespace, cold: bool) -> dict:
     """Fastest of --repeats rounds per (variant, cold/warm); rounds go round-robin over the
     variants, so a change in machine load hits all of them."""
     best: dict = {}
+    checks = args.checks.split(",")
+    variants = [
+        f"{v}:{c}" if v.startswith("hdf5") else v
+        for v in args.variants.split(",")
+        for c in (checks if v.startswith("hdf5") else [""])
+    ]
     for _ in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             for temp in ("cold", "warm") if cold else ("warm",):
                 r = measure(variant, written, args, temp == "cold")
                 if (variant, temp) not in best or r["s"] < best[variant, temp]["s"]:
@@ -232,7 +266,7 @@ def best_of(written: dict, args: argparse.Namespace, cold: bool) -> dict:
 def row(kind: str, variant: str, cache: str, r: dict) -> str:
     worker = f"{r['worker_rss_mb']:.0f}" if r["worker_rss_mb"] else "-"
     return (
-        f"{kind:<8} {variant:<12} {cache:<5} {r['items'] / r['s']:>8.0f} {r['mb'] / r['s']:>7.0f} "
+        f"{kind:<8} {variant:<17} {cache:<5} {r['items'] / r['s']:>8.0f} {r['mb'] / r['s']:>7.0f} "
         f"{r['first']:>8.2f} {r['base_mb']:>7.0f} {r['rss_mb']:>7.0f} {worker:>9}"
     )
 
@@ -247,12 +281,16 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min)")
     sizes = {"regions": args.items, "patches": args.vit_items}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        header = "kind     variant      cache   items/s    MB/s  first_s base_MB peak_MB worker_MB"
+        header = (
+            "kind     variant           cache   items/s    MB/s  first_s base_MB peak_MB worker_MB"
+        )
         for kind in args.kinds.split(","):
-            w = write_both(kind, sizes[kind], Path(tmp))
+            w = write_both(kind, sizes[kind], Path(tmp), args.shard_items)
             print(f"\n{kind}: {w['n']} items; write hdf5 {w['h5_s']:.1f}s ({w['h5_mb']:.0f} MB, "
                   f"fsync + sha256 included), npz {w['npz_s']:.1f}s + fsync {w['fsync_s']:.1f}s "
-                  f"({w['npz_mb']:.0f} MB)\n{header}")  # fmt: skip
+                  f"({w['npz_mb']:.0f} MB)")  # fmt: skip
+            n_shards = len(list(Path(w["cache"]).with_suffix(".shards").glob("*.h5")))
+            print(f"{n_shards} shards; {open_times(w['cache'], args.checks.split(','))}\n{header}")
             for (variant, temp), r in best_of(w, args, cold).items():
                 print(row(kind, variant, temp, r), flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")

@@ -136,7 +136,7 @@ def _scan(base: Path, recursive: bool) -> list[Path]:
 
 def _records(pairs: Iterable[tuple[str, Path]], limit: int | None) -> list[ImageRecord]:
     """ImageRecords in natural key order (img2 before img10: --limit N takes the first N as a
-person would count them); two files with one key is an error, not a silent pick."""
+    person would count them); two files with one key is an error, not a silent pick."""
     by_key: dict[str, Path] = {}
     for key, path in pairs:
         if key in by_key:

@@ -103,12 +103,14 @@ class ImportOptions:
     batch_size: int = 256
     shard_items: int = 4096
     limit: int | None = None
+    resume: bool = False  # keep the complete shards of an interrupted import, skip their keys
 
 
 @dataclass
 class ImportSummary:
     out: str
     items: int = 0
+    skipped: int = 0  # already in the cache (--resume)
     max_boxes: int = 0
     feature_dim: int = 0
     img_id_format: str = "{key}"
@@ -300,7 +302,12 @@ def import_features(
     schema = Schema.build("regions", _region_shapes(k, dim), opts.dtype)
     provenance = _import_provenance(fmt, Path(source), opts, summary)
     with CacheWriter(
-        out, schema, provenance, shard_items=opts.shard_items, overwrite=opts.overwrite
+        out,
+        schema,
+        provenance,
+        shard_items=opts.shard_items,
+        overwrite=opts.overwrite,
+        resume=opts.resume,
     ) as writer:
         _write_items(itertools.chain([first], items), writer, summary, opts)
     return summary
@@ -326,6 +333,9 @@ def _write_items(
         if key in seen:
             raise FeatureFileError(item.where, f"cache key {key!r} appears twice")
         seen.add(key)
+        if key in writer.done:
+            summary.skipped += 1
+            continue
         batch.append((key, item))
         if len(batch) == opts.batch_size:
             writer.add(*_padded(batch, summary))

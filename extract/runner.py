@@ -4,12 +4,19 @@ Images are decoded and resized in DataLoader workers while the model runs; bad i
 recorded in the cache (key, path, reason) instead of stopping the run; keys already in complete
 shards are skipped on `--resume`. Texts are deduplicated: identical strings are encoded once and
 every key that carries them points at the same row.
+
+SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop) ends a run cleanly: the batch in hand is written,
+the shard in progress is finished as a complete (smaller) shard and the index is written, so a
+stop loses nothing; `--resume` continues from there. A second signal stops at once (the partial
+shard is dropped, complete shards stay).
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlpipe import provenance as prov
-from vlpipe.cache import CacheWriter, Schema
+from vlpipe.cache import CacheWriter, Schema, storable
 from vlpipe.data_manifests.base import ImageRecord, TextRecord
 from vlpipe.distributed import resolve_device
 from vlpipe.extract.base import Extractor
@@ -53,6 +60,7 @@ class Summary:
     skipped: int = 0
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    stopped_by: int | None = None  # the signal that stopped the run early (SIGINT, SIGTERM)
 
     @property
     def partial(self) -> bool:
@@ -147,6 +155,13 @@ def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which stops cleanly and
+    shuts them down (a Ctrl-C reaches the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _batches(records, transform, opts: RunOptions, device: torch.device) -> Iterator[list[dict]]:
     loader = DataLoader(
         ImageItems(records, transform),
@@ -156,6 +171,7 @@ def _batches(records, transform, opts: RunOptions, device: torch.device) -> Iter
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if opts.num_workers else None,  # bounded host memory: FRCNN inputs ~7 MB
+        worker_init_fn=_ignore_stop_signals,
     )
     yield from loader
 
@@ -172,6 +188,8 @@ def extract_images(
         for batch in _batches(pending, extractor.transform, opts, device):
             _write_image_batch(extractor, batch, writer, device, opts, summary)
             bar.update(len(batch))
+            if summary.stopped_by:
+                break
         bar.close()
     return summary
 
@@ -184,11 +202,54 @@ def _run(extractor: Extractor, records: Sequence, out: str, opts: RunOptions, da
     extractor.to(device)
     summary = Summary(out=str(out), total=len(records))
     start = time.perf_counter()
-    with _open_writer(extractor, out, opts, dataset) as writer:
-        pending = [r for r in records if r.key not in writer.done]
+    # the handlers outlive the writer: a stop while the last shard and the index are written
+    # only notes itself
+    with _stop_signals(summary), _open_writer(extractor, out, opts, dataset) as writer:
+        pending = [r for r in records if storable(r.key) not in writer.done]
         summary.skipped = len(records) - len(pending)
+        pending = _drop_unstorable(pending, writer, summary)
         yield device, writer, pending, summary
     summary.seconds = time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _stop_signals(summary: Summary):
+    """Note a SIGINT / SIGTERM in `summary.stopped_by` (the loops stop after the batch in
+    hand); a second one interrupts at once. Outside the main thread signals stay as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+
+    def stop(signum, _frame):
+        summary.stopped_by = signum
+        for s in stops:  # the next one is not polite
+            signal.signal(s, signal.default_int_handler)
+
+    for s in stops:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _drop_unstorable(records: Sequence, writer: CacheWriter, summary: Summary) -> list:
+    """A key that is not valid UTF-8 (a file name in another encoding) cannot be stored: the
+    item is recorded as failed, like an unreadable image, and the run goes on."""
+    kept = []
+    for rec in records:
+        text = getattr(rec, "text", "")
+        if storable(rec.key) == rec.key and storable(text) == text:
+            kept.append(rec)
+            continue
+        path = getattr(rec, "path", "")
+        reason = "the file name is not valid UTF-8" if path else "the text is not valid UTF-8"
+        writer.add_failure(rec.key, path, reason)
+        summary.failures.append((storable(rec.key), storable(path), reason))
+    return kept
 
 
 def _write_image_batch(extractor, batch, writer, device, opts, summary) -> None:
@@ -244,6 +305,8 @@ def extract_texts(
             _write_text_batch(extractor, chunk, mine, writer, device, opts)
             summary.written += len(chunk) + len(mine)
             bar.update(len(chunk))
+            if summary.stopped_by:
+                break
         bar.close()
     return summary
 

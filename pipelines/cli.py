@@ -170,8 +170,24 @@ def extract(
     except _user_errors() as err:
         _fail(err)
     _print_summary(summary)
+    if summary.stopped_by:
+        _stopped(summary)
     if summary.partial:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _stopped(summary) -> None:
+    """A run stopped by SIGINT / SIGTERM kept everything it wrote: say how to continue."""
+    import signal
+
+    name = signal.Signals(summary.stopped_by).name
+    typer.secho(
+        f"stopped by {name}: the items written so far are complete shards of {summary.out} and "
+        "its index is written; rerun the same command with --resume to finish",
+        fg="yellow",
+        err=True,
+    )
+    raise typer.Exit(128 + summary.stopped_by)
 
 
 def _print_summary(summary) -> None:
@@ -253,8 +269,10 @@ def import_features(
     limit: int = typer.Option(None, help="only the first N images"),
     shard_items: int = typer.Option(4096, help="images per shard"),
     overwrite: bool = typer.Option(False, help="replace an existing cache"),
+    resume: bool = typer.Option(False, help="continue an interrupted import"),
 ) -> None:
     """Turn region features written by other tools into a vlpipe cache."""
+    from vlpipe.cache import CacheWriteError
     from vlpipe.extract import interop
 
     opts = interop.ImportOptions(
@@ -265,9 +283,12 @@ def import_features(
         overwrite,
         shard_items=shard_items,
         limit=limit,
+        resume=resume,
     )
     try:
         s = interop.import_features(fmt, source, out, opts)
+    except CacheWriteError as err:
+        _fail_hard(err)
     except _user_errors() as err:
         _fail(err)
     typer.echo(
@@ -458,24 +479,34 @@ def verify(
     cache: Path = typer.Argument(..., help="cache index file"),
     repair: bool = typer.Option(
         False,
-        help="move corrupt shards aside and rebuild the index "
-        "from the intact ones (then `extract --resume` refills)",
+        help="move corrupt, foreign and duplicate shards aside and rebuild the index from the "
+        "others (then `extract --resume` refills)",
     ),
 ) -> None:
-    """Check every shard against its checksum and counts; exit 1 on any problem."""
+    """Check every shard against its checksum and the index's record of it; exit 1 on any
+    problem."""
     from vlpipe import verify as check
+    from vlpipe.cache import CacheWriteError
 
     try:
         report = check.verify(cache)
         for problem in report.problems:
             typer.echo(f"problem: {problem}", err=True)
+        for note in report.notes:
+            typer.echo(f"note: {note}", err=True)
         if repair and not report.ok:
-            _, summary = check.repair(cache)
+            report, summary = check.repair(cache, report)
+            for old, new in report.moved:
+                typer.echo(f"moved aside: {old.name} -> {new.name}")
             typer.echo(
                 f"repaired: index rebuilt from {summary['shards']} shards, "
-                f"{summary['rows']} rows; {len(report.corrupt)} corrupt shards moved aside"
+                f"{summary['rows']} rows; {len(report.moved)} shards moved aside"
             )
             report = check.verify(cache)
+            for problem in report.problems:
+                typer.echo(f"problem after repair: {problem}", err=True)
+    except CacheWriteError as err:
+        _fail_hard(err)
     except _user_errors() as err:
         _fail(err)
     typer.echo(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vlpipe.cache import CacheError, build_index, complete_shards, shard_dir
+from vlpipe.cache import build_index
+from vlpipe.cache_layout import check_target, remove_cache
 from vlpipe.distributed import resolve_device
 from vlpipe.extract.base import parse_weights
 from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
@@ -119,6 +119,7 @@ def run_extract(req: ExtractRequest, opts: RunOptions) -> Summary:
     and rank 0 ties them into the index once all ranks are done."""
     from vlpipe import distributed
 
+    check_target(Path(req.out), resume=opts.resume, overwrite=opts.overwrite)  # before any work
     dist = distributed.init(resolve_device(opts.device).type)
     extractor = build_from_request(req, opts.seed)
     records = records_for(req, extractor.modality)
@@ -138,17 +139,13 @@ def run_extract(req: ExtractRequest, opts: RunOptions) -> Summary:
 
 
 def _rank_options(out: Path, opts: RunOptions, dist) -> RunOptions:
-    """Each rank writes shards "r<rank>-*"; only rank 0 may clear an old cache (--overwrite),
-    the others wait for it and then open the folder as a resume."""
+    """Each rank writes shards "r<rank>-*" under its own lock; only rank 0 may clear an old
+    cache (--overwrite: only a vlpipe cache, and only while no writer holds a lock), the others
+    wait for it and then open the folder as a resume. Every rank checked the target first."""
     from vlpipe import distributed
 
-    if not (opts.resume or opts.overwrite) and (out.exists() or complete_shards(out)):
-        raise CacheError(
-            f"{out} already exists: pass --resume to continue it or --overwrite to replace it"
-        )
     if dist.main and opts.overwrite and not opts.resume:
-        out.unlink(missing_ok=True)
-        shutil.rmtree(shard_dir(out), ignore_errors=True)
+        remove_cache(out)
     distributed.barrier(dist)
     device = opts.device
     if resolve_device(device).type == "cuda":

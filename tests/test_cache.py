@@ -45,12 +45,12 @@ def region_batch(start: int, n: int, rng=None) -> tuple[list[str], dict[str, np.
     return keys, arrays
 
 
-def write_regions(path, n=10, batch=4, shard_items=3, dtype="float16", **kw):
+def write_regions(path, n=10, batch=4, shard_items=3, dtype="float16", prov=PROV, first=0, **kw):
     schema = Schema.build("regions", REGION_SHAPES, dtype)
     written = {}
-    with CacheWriter(path, schema, PROV, shard_items=shard_items, **kw) as writer:
-        for start in range(0, n, batch):
-            keys, arrays = region_batch(start, min(batch, n - start))
+    with CacheWriter(path, schema, prov, shard_items=shard_items, **kw) as writer:
+        for start in range(first, first + n, batch):
+            keys, arrays = region_batch(start, min(batch, first + n - start))
             writer.add(keys, arrays)
             for i, k in enumerate(keys):
                 written[k] = {f: v[i] for f, v in arrays.items()}

@@ -1,5 +1,5 @@
-"""SIGKILL a real extraction or training process at several points, resume, and compare with
-a run that was never interrupted."""
+"""SIGKILL a real extraction or training process at several points, or stop one with SIGINT /
+SIGTERM, resume, and compare with a run that was never interrupted."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_VIT_ARGS, write_image
+from tests.conftest import TINY_VIT_ARGS, vlpipe, write_image
 from tests.fusion_fixtures import gqa_color_task, logged_losses
-from vlpipe.cache import FeatureCache, shard_dir
+from vlpipe.cache import FeatureCache, complete_shards, shard_dir
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
@@ -87,6 +87,9 @@ def test_killed_extraction_resumes_to_the_clean_result(folder, clean, tmp_path, 
     kill_when(extract_cmd(folder, out), lambda: KILL_POINTS[point](out))
     if out.exists():  # a reader never sees a half-written shard
         assert set(FeatureCache(out).keys()) < set(clean.keys())
+    elif complete_shards(out):  # no index yet: inspect says the shards are there, and what to do
+        said = vlpipe("inspect", out, code=1).output
+        assert "no index yet" in said and "complete shards" in said and "--resume" in said
     subprocess.run(extract_cmd(folder, out, "--resume"), env=ENV, check=True, capture_output=True)
     resumed = FeatureCache(out)
     keys = clean.keys()
@@ -145,30 +148,43 @@ def test_kill_early_in_a_resumed_run_keeps_the_log(tmp_path):
     assert len(logged_losses(tmp_path / "run")) >= 6
 
 
-def test_write_error_stops_cleanly_and_the_run_resumes(folder, clean, tmp_path):
-    """A file-size limit on the process (as a full disk would) stops the run with a clear
-    message; complete shards stay; --resume finishes the cache."""
-    import resource
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """60 images: long enough a run to stop in the middle of."""
+    root = tmp_path_factory.mktemp("many")
+    for i in range(60):
+        write_image(root / f"img{i:02d}.png", size=(40, 30), seed=i)
+    out = tmp_path_factory.mktemp("many_clean") / "c.h5"
+    vlpipe(*extract_cmd(root, out)[3:])  # the uninterrupted run, in-process
+    return root, FeatureCache(out)
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (120_000, 120_000))
 
-    out = tmp_path / "w.h5"
-    proc = subprocess.run(
-        extract_cmd(folder, out, "--shard-items", "4"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        preexec_fn=limit_file_size,
-    )
-    # Non-zero, with the message. (After HDF5's failed write, h5py's object teardown can still
-    # crash the exiting process, so the status may be a signal rather than 1.)
-    assert proc.returncode != 0
-    assert "rerun the same command with --resume" in proc.stderr, proc.stderr[-2000:]
-    assert not list(shard_dir(out).glob("*.tmp"))  # the partial shard was dropped
-    subprocess.run(extract_cmd(folder, out, "--resume"), env=ENV, check=True, capture_output=True)
-    resumed = FeatureCache(out)
-    assert sorted(resumed.keys()) == sorted(clean.keys())
-    keys = clean.keys()
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_stop_signal_finishes_the_shard_and_the_index(many, tmp_path, sig):
+    """Ctrl-C (SIGINT to the whole process group, DataLoader worker included) or a scheduler's
+    SIGTERM in the middle of a run whose one shard is still open (as with the default ~1 GiB
+    shards): that shard is finished, the index written, and --resume completes the cache."""
+    root, clean = many
+    out = tmp_path / "s.h5"
+    cmd = extract_cmd(root, out, "--shard-items", "1000", "--num-workers", "1")
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    partial = shard_dir(out) / "r0-00000.h5.tmp"
+    deadline = time.monotonic() + 120
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    signum = getattr(signal, sig)
+    if sig == "SIGINT":
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr[-2000:]
+    assert f"stopped by {sig}" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    stopped = FeatureCache(out)
+    assert 0 < len(stopped) < 60 and stopped.shard_files == ["r0-00000.h5"]
+    assert vlpipe("verify", out).exit_code == 0
+    assert f"items {len(stopped)} " in vlpipe("inspect", out).output
+    vlpipe(*extract_cmd(root, out, "--resume", "--shard-items", "1000")[3:])
+    resumed, keys = FeatureCache(out), clean.keys()
+    assert sorted(resumed.keys()) == sorted(keys) and len(resumed.shard_files) == 2
     np.testing.assert_array_equal(resumed.read(keys)["image_cls"], clean.read(keys)["image_cls"])

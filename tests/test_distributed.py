@@ -99,3 +99,25 @@ def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
     assert sorted(two.keys()) == sorted(keys) and two.num_rows == 7
     for field in ("image_cls", "image_feats", "image_hw"):
         np.testing.assert_allclose(two.read(keys)[field], one.read(keys)[field], atol=1e-3)
+
+
+def test_two_rank_extraction_never_replaces_another_file(tmp_path):
+    """torchrun --overwrite onto a user's HDF5 file: every rank refuses before any work."""
+    import h5py
+
+    from tests.conftest import TINY_VIT_ARGS, write_image
+
+    write_image(tmp_path / "imgs" / "img0.png")
+    target = tmp_path / "results.h5"
+    with h5py.File(target, "w") as h5:
+        h5["mine"] = [1, 2, 3]
+    before = target.read_bytes()
+    args = ["extract", "--dataset", "folder", "--root", tmp_path / "imgs", *TINY_VIT_ARGS]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    cmd += ["-m", "vlpipe", *map(str, args)]  # --standalone: a free port of its own
+    cmd += ["--out", str(target), "--overwrite"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "results.h5 exists and is not a vlpipe cache" in proc.stderr
+    assert target.read_bytes() == before and not (tmp_path / "results.shards").exists()

@@ -102,6 +102,29 @@ def test_resume_continues_without_duplicates_or_gaps(image_folder, tmp_path):
     np.testing.assert_array_equal(a.read(keys)["image_feats"], b.read(keys)["image_feats"])
 
 
+def test_resume_refuses_another_precision(image_folder, tmp_path):
+    vlpipe(*vit_args(image_folder, tmp_path / "v.h5", "--limit", 2))
+    out = vlpipe(
+        *vit_args(image_folder, tmp_path / "v.h5", "--resume", "--precision", "bf16"), code=1
+    )
+    assert "cannot resume" in out.output and "'precision': ('fp32', 'bf16')" in out.output
+    assert len(FeatureCache(tmp_path / "v.h5")) == 2
+
+
+def test_a_file_name_that_is_not_utf8_is_one_failed_item(image_folder, tmp_path):
+    import os
+
+    name = os.path.join(os.fsencode(image_folder), b"caf\xe9.png")  # latin-1 "café"
+    with open(name, "wb") as fh:
+        fh.write((image_folder / "a" / "img1.png").read_bytes())
+    out = vlpipe(*vit_args(image_folder, tmp_path / "v.h5"), code=EXIT_PARTIAL).output
+    cache = FeatureCache(tmp_path / "v.h5")
+    assert len(cache) == 6 and cache.failures[0][0] == "caf\\xe9"
+    assert "not valid UTF-8" in cache.failures[0][2] and "caf\\xe9" in out
+    vlpipe(*vit_args(image_folder, tmp_path / "v.h5", "--resume"))  # done: not retried
+    assert len(FeatureCache(tmp_path / "v.h5").failures) == 1
+
+
 def test_existing_cache_needs_overwrite(image_folder, tmp_path):
     vlpipe(*vit_args(image_folder, tmp_path / "v.h5"))
     result = vlpipe(*vit_args(image_folder, tmp_path / "v.h5"), code=1)

@@ -1,4 +1,7 @@
-"""The vlpipe feature cache: one schema, one writer, one reader.
+"""The vlpipe feature cache: one schema, one writer, one reader. Import everything from here;
+the parts live in `cache_format` (version, field table, Schema, what a shard holds),
+`cache_layout` (file names, what vlpipe may replace, locks, links), `cache_reader`
+(`FeatureCache`) and this module (the writer and the index).
 
 Layout on disk (``cache.h5`` is the only path users pass around)::
 
@@ -9,8 +12,15 @@ Layout on disk (``cache.h5`` is the only path users pass around)::
 
 A shard is written under a ``.tmp`` name and renamed only when complete, so a reader never sees
 a half-written shard, and ``--resume`` simply skips the keys already in complete shards. Each
-writer (one per GPU or node) writes shards prefixed with its own id; ``build_index`` ties every
-complete shard into the index. Shards are self-describing: the index can always be rebuilt.
+writer (one per GPU or node) writes shards prefixed with its own id, under a lock of its own;
+``build_index`` ties every complete shard into the index. Shards are self-describing: the index
+can always be rebuilt.
+
+The index's shard table records, per shard: file name, rows, bytes, sha256, a digest of its
+keys, and the digest of its provenance identity (`vlpipe.provenance.identity_digest`: what
+defines the features, not when or where they were made). `vlpipe verify` checks every shard
+against that record; the reader checks the cheap part of it when it first opens a shard.
+Schema v1 indexes (no keys / identity digests) are still read.
 
 Per item fields (the same names are used in training batches and in ``forward()``)::
 
@@ -28,104 +38,78 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from vlpipe.io import write_text_atomic
-from vlpipe.provenance import sha256_file
+from vlpipe.cache_format import (
+    FEATURE_DTYPES,
+    FIELDS,
+    KINDS,
+    REGION_FIELDS,
+    SCHEMA_VERSION,
+    STR,
+    Schema,
+    ShardInfo,
+    index_tables,
+    read_shard,
+    read_shard_keys,
+    shard_checksum,
+    storable,
+)
+from vlpipe.cache_layout import (
+    WRITER_ID,
+    CacheBusyError,
+    CacheError,
+    CacheWriteError,
+    check_links,
+    check_target,
+    checksum_path,
+    clean_stale,
+    complete_shards,
+    index_state,
+    index_tmp,
+    lock_writer,
+    remove_cache,
+    shard_dir,
+)
+from vlpipe.cache_reader import FeatureCache, ShardRecord
+from vlpipe.io import describe_os_error, fsync_dir, quiet_teardown, write_text_atomic
+from vlpipe.provenance import identity_diff, identity_digest, provenance_identity, sha256_file
 
-SCHEMA_VERSION = 1
-FEATURE_DTYPES = ("float16", "float32")
-
-# name: (dtype, meaning). dtype None = the cache's feature dtype (float16 unless asked).
-FIELDS: dict[str, tuple[str | None, str]] = {
-    "image_feats": (None, "K x D visual features (regions, patch tokens or grid cells)"),
-    "image_cls": (None, "D ViT CLS token or globally pooled CNN feature"),
-    "image_boxes": ("float32", "K x 4 absolute x1, y1, x2, y2 in original image pixels"),
-    "image_mask": ("bool", "K True for real regions"),
-    "image_hw": ("int32", "2 original image height, width"),
-    "obj_ids": ("int64", "K object class id (0-based, background excluded)"),
-    "obj_conf": ("float32", "K object class confidence"),
-    "attr_ids": ("int64", "K attribute id (0-based, 'no attribute' excluded)"),
-    "attr_conf": ("float32", "K attribute confidence"),
-    "text_feats": (None, "L x D last-layer token features"),
-    "text_cls": (None, "D last-layer [CLS] feature"),
-    "text_ids": ("int32", "L WordPiece token ids"),
-    "text_mask": ("bool", "L attention mask"),
-    "text": ("str", "the text that was encoded"),
-}
-REGION_FIELDS = ("image_boxes", "image_mask", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
-# Which fields each kind of cache may hold; `required` ones must always be present.
-KINDS: dict[str, dict[str, tuple[str, ...]]] = {
-    "regions": {"required": ("image_feats", "image_hw", *REGION_FIELDS), "optional": ()},
-    "patches": {"required": ("image_cls", "image_hw"), "optional": ("image_feats",)},
-    "grid": {"required": ("image_cls", "image_hw"), "optional": ("image_feats",)},
-    "tokens": {
-        "required": ("text_cls", "text_mask", "text_ids", "text"),
-        "optional": ("text_feats",),
-    },
-}
-_STR = h5py.string_dtype("utf-8")
-
-
-class CacheError(RuntimeError):
-    """Anything wrong with a cache on disk; the message names the file."""
-
-
-class CacheWriteError(CacheError):
-    """Writing failed (disk full, file-size limit, I/O error); complete shards are intact."""
-
-
-@dataclass(frozen=True)
-class Schema:
-    """The fields one cache holds: name -> (per-item shape, dtype)."""
-
-    kind: str
-    fields: dict[str, tuple[tuple[int, ...], str]]
-
-    @classmethod
-    def build(cls, kind: str, shapes: dict[str, tuple[int, ...]], feature_dtype: str) -> Schema:
-        if kind not in KINDS:
-            raise ValueError(f"unknown cache kind {kind!r}; known: {sorted(KINDS)}")
-        if feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(
-                f"feature dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}"
-            )
-        allowed = KINDS[kind]["required"] + KINDS[kind]["optional"]
-        missing = [f for f in KINDS[kind]["required"] if f not in shapes]
-        extra = [f for f in shapes if f not in allowed]
-        if missing or extra:
-            raise ValueError(f"{kind} cache: missing fields {missing}, unexpected fields {extra}")
-        fields = {n: (tuple(s), FIELDS[n][0] or feature_dtype) for n, s in shapes.items()}
-        return cls(kind, fields)
-
-    def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "fields": self.fields})
-
-    @classmethod
-    def from_json(cls, text: str) -> Schema:
-        raw = json.loads(text)
-        return cls(raw["kind"], {n: (tuple(s), d) for n, (s, d) in raw["fields"].items()})
-
-
-def shard_dir(path: str | Path) -> Path:
-    """cache.h5 -> cache.shards/ beside it."""
-    path = Path(path)
-    return path.with_name(path.stem + ".shards")
-
-
-def complete_shards(path: str | Path) -> list[Path]:
-    folder = shard_dir(path)
-    return sorted(folder.glob("*.h5")) if folder.is_dir() else []
+# The public names of the cache, wherever they are defined.
+__all__ = [
+    "FEATURE_DTYPES",
+    "FIELDS",
+    "KINDS",
+    "REGION_FIELDS",
+    "SCHEMA_VERSION",
+    "CacheBusyError",
+    "CacheError",
+    "CacheWriteError",
+    "CacheWriter",
+    "FeatureCache",
+    "Schema",
+    "ShardInfo",
+    "ShardRecord",
+    "build_index",
+    "check_links",
+    "checksum_path",
+    "complete_shards",
+    "identity_digest",
+    "index_tables",
+    "provenance_identity",
+    "read_shard",
+    "read_shard_keys",
+    "shard_dir",
+    "storable",
+]
 
 
 def _h5_dtype(dtype: str):
-    return _STR if dtype == "str" else np.dtype(dtype)
+    return STR if dtype == "str" else np.dtype(dtype)
 
 
 def _chunk_rows(shape: tuple[int, ...], dtype: str) -> int:
@@ -141,6 +125,7 @@ def _write_attrs(h5: h5py.File, schema: Schema, provenance: dict) -> None:
     h5.attrs["kind"] = schema.kind
     h5.attrs["schema"] = schema.to_json()
     h5.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+    h5.attrs["identity_sha256"] = identity_digest(provenance)
 
 
 class ShardWriter:
@@ -152,74 +137,82 @@ class ShardWriter:
         self.schema = schema
         self.n = 0
         self.n_aliases = 0
-        self.h5 = h5py.File(self.tmp_path, "w")
-        _write_attrs(self.h5, schema, provenance)
+        try:
+            self.h5 = h5py.File(self.tmp_path, "w")
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+        # Datasets stay open while the shard is written: a write that fails (disk full) then
+        # fails in the call that made it, not later while h5py releases a dataset object.
+        self._ds: dict[str, h5py.Dataset] = {}
+        try:
+            self._create(provenance, writer)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _create(self, provenance: dict, writer: str) -> None:
+        _write_attrs(self.h5, self.schema, provenance)
         self.h5.attrs["writer"] = writer
-        self.h5.create_dataset("keys", (0,), _STR, maxshape=(None,), chunks=(1024,))
-        for name, (shape, dtype) in schema.fields.items():
+        self.h5.create_dataset("keys", (0,), STR, maxshape=(None,), chunks=(1024,))
+        for name, (shape, dtype) in self.schema.fields.items():
             chunks = (_chunk_rows(shape, dtype), *shape)
             self.h5.create_dataset(
                 name, (0, *shape), _h5_dtype(dtype), maxshape=(None, *shape), chunks=chunks
             )
         for name in ("failed_keys", "failed_paths", "failed_reasons", "alias_keys"):
-            self.h5.create_dataset(name, (0,), _STR, maxshape=(None,), chunks=(256,))
+            self.h5.create_dataset(name, (0,), STR, maxshape=(None,), chunks=(256,))
         self.h5.create_dataset("alias_rows", (0,), np.int64, maxshape=(None,), chunks=(256,))
+        self._ds = {name: self.h5[name] for name in self.h5}
 
     def append(self, keys: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
         n, m = self.n, len(keys)
-        _append(self.h5["keys"], n, list(keys))
+        _append(self._ds["keys"], n, list(keys))
         for name, (_, dtype) in self.schema.fields.items():
             value = arrays[name] if dtype == "str" else np.asarray(arrays[name], dtype=dtype)
-            _append(self.h5[name], n, value)
+            _append(self._ds[name], n, value)
         self.n += m
 
     def append_aliases(self, keys: Sequence[str], rows: Sequence[int]) -> None:
-        _append(self.h5["alias_keys"], self.n_aliases, list(keys))
-        _append(self.h5["alias_rows"], self.n_aliases, np.asarray(rows, np.int64))
+        _append(self._ds["alias_keys"], self.n_aliases, list(keys))
+        _append(self._ds["alias_rows"], self.n_aliases, np.asarray(rows, np.int64))
         self.n_aliases += len(keys)
 
     def append_failure(self, key: str, path: str, reason: str) -> None:
-        i = len(self.h5["failed_keys"])
+        i = len(self._ds["failed_keys"])
         for name, value in (
             ("failed_keys", key),
             ("failed_paths", path),
             ("failed_reasons", reason),
         ):
-            _append(self.h5[name], i, [value])
+            _append(self._ds[name], i, [storable(value)])
 
     @property
     def n_failures(self) -> int:
-        return len(self.h5["failed_keys"])
+        return len(self._ds["failed_keys"])
 
     def finish(self) -> Path:
         self.h5.attrs["n_items"] = self.n
         self.h5.flush()
         fd = self.h5.id.get_vfd_handle()
         os.fsync(fd)
+        self._ds = {}
         self.h5.close()
         # The checksum sits beside the shard (a file cannot hold its own hash); `vlpipe verify`
         # compares it with the bytes on disk. It is written before the rename, so every
         # visible shard has one.
         write_text_atomic(checksum_path(self.final_path), sha256_file(self.tmp_path))
         os.replace(self.tmp_path, self.final_path)
-        _fsync_dir(self.final_path.parent)
+        fsync_dir(self.final_path.parent)
         return self.final_path
 
     def abort(self) -> None:
         """Throw the partial shard away (after a crash-like error the file may not close)."""
-        with contextlib.suppress(RuntimeError, OSError):
-            self.h5.close()
+        with quiet_teardown(), contextlib.suppress(RuntimeError, OSError, ValueError):
+            self._ds = {}
+            if hasattr(self, "h5"):
+                self.h5.close()
         self.tmp_path.unlink(missing_ok=True)
-
-
-def checksum_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + ".sha256")
-
-
-def shard_checksum(shard: Path) -> str:
-    """The recorded sha256 of a shard (computed now for shards written without one)."""
-    side = checksum_path(shard)
-    return side.read_text().strip() if side.exists() else sha256_file(shard)
 
 
 def _append(ds: h5py.Dataset, start: int, values) -> None:
@@ -229,38 +222,13 @@ def _append(ds: h5py.Dataset, start: int, values) -> None:
     ds[start : start + len(values)] = values
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _decode(values: Iterable) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
-def read_shard_keys(shard: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    """(row keys, alias keys, alias rows, failed keys) of one complete shard."""
-    try:
-        with h5py.File(shard, "r") as h5:
-            return (
-                _decode(h5["keys"][:]),
-                _decode(h5["alias_keys"][:]),
-                h5["alias_rows"][:],
-                _decode(h5["failed_keys"][:]),
-            )
-    except (OSError, KeyError) as err:
-        raise CacheError(f"{shard}: unreadable shard ({err})") from err
-
-
 class CacheWriter:
     """Writes items into bounded shards of one cache; the index is built on `close`.
 
-    writer: an id unique per concurrent writer (e.g. "r0", "r1" for torch.distributed ranks).
+    writer: an id unique per concurrent writer (e.g. "r0", "r1" for torch.distributed ranks);
+    each writer holds a lock of its own, so a second process with the same id is refused.
     resume: keep complete shards and skip their keys; otherwise an existing cache is an error
-    unless overwrite=True.
+    unless overwrite=True. Only a vlpipe cache is ever continued or replaced.
     """
 
     def __init__(
@@ -281,52 +249,53 @@ class CacheWriter:
         self.schema, self.writer = schema, writer
         self.shard_items = max(1, int(shard_items))
         self.build_index_on_close = build_index_on_close
-        self._prepare(resume, overwrite)
-        self.done = self._load_done() if resume else set()
-        self._seq = self._next_seq()
+        if not WRITER_ID.fullmatch(writer):
+            raise ValueError(f"writer id {writer!r}: letters, digits and _ only")
         self._shard: ShardWriter | None = None
+        self._lock = self._prepare(resume, overwrite)
+        try:
+            self.done = self._load_done() if resume else set()
+            self._seq = self._next_seq()
+        except BaseException:
+            self._lock.release()
+            raise
 
-    def _prepare(self, resume: bool, overwrite: bool) -> None:
-        folder = shard_dir(self.path)
-        exists = self.path.exists() or complete_shards(self.path)
-        if exists and not (resume or overwrite):
-            raise CacheError(
-                f"{self.path} already exists: pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        if overwrite and not resume:
-            self.path.unlink(missing_ok=True)
-            if folder.is_dir():
-                shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{self.writer}-*.h5.tmp"):  # a crashed run's partial shard
-            stale.unlink()
-        for side in folder.glob(f"{self.writer}-*.h5.sha256"):  # crashed between hash and rename
-            if not side.with_suffix("").exists():
-                side.unlink()
+    def _prepare(self, resume: bool, overwrite: bool):
+        """Check what is at the path, take this writer's lock, then clear what may go."""
+        check_target(self.path, resume=resume, overwrite=overwrite)
+        with self._write_errors("creating the shards folder"):
+            shard_dir(self.path).mkdir(parents=True, exist_ok=True)
+        lock = lock_writer(self.path, self.writer)
+        try:
+            if overwrite and not resume:
+                remove_cache(self.path, keep=(lock.path,))
+            clean_stale(self.path, self.writer)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
 
     def _load_done(self) -> set[str]:
         done: set[str] = set()
         for shard in complete_shards(self.path):
-            self._check_compatible(shard)
-            keys, aliases, _, failed = read_shard_keys(shard)
-            done.update(keys, aliases, failed)
+            info = read_shard(shard)
+            self._check_compatible(info)
+            done.update(info.keys, info.alias_keys, (f[0] for f in info.failures))
         return done
 
-    def _check_compatible(self, shard: Path) -> None:
-        with h5py.File(shard, "r") as h5:
-            schema = Schema.from_json(h5.attrs["schema"])
-            prov = json.loads(h5.attrs["provenance"])
+    def _check_compatible(self, info: ShardInfo) -> None:
+        schema = Schema.from_json(info.schema)
         if schema != self.schema:
             raise CacheError(
-                f"{shard}: written with schema {schema.to_json()}, this run writes "
+                f"{info.path}: written with schema {schema.to_json()}, this run writes "
                 f"{self.schema.to_json()}; use a new --out or --overwrite"
             )
-        ours = {k: self.provenance.get(k) for k in RESUME_MUST_MATCH}
-        theirs = {k: prov.get(k) for k in RESUME_MUST_MATCH}
-        if ours != theirs:
-            diff = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
-            raise CacheError(f"{shard}: cannot resume, the run differs (cache, now): {diff}")
+        diff = identity_diff(self.provenance, info.provenance)
+        if diff:
+            raise CacheError(
+                f"{info.path}: cannot resume, the run differs (cache, now): {diff}; use a new "
+                "--out, or --overwrite to replace the cache"
+            )
 
     def _next_seq(self) -> int:
         seqs = [
@@ -340,7 +309,10 @@ class CacheWriter:
         if self._shard is None:
             name = f"{self.writer}-{self._seq:05d}.h5"
             prov = dict(self.provenance, shard=name)
-            self._shard = ShardWriter(shard_dir(self.path) / name, self.schema, prov, self.writer)
+            with self._write_errors(f"creating shard {name}"):
+                self._shard = ShardWriter(
+                    shard_dir(self.path) / name, self.schema, prov, self.writer
+                )
             self._seq += 1
         return self._shard
 
@@ -353,13 +325,13 @@ class CacheWriter:
         """Append a batch. arrays[name] has len(keys) rows; aliases maps extra keys to a key of
         this batch whose row they share (identical texts are stored once). A batch that would
         overflow the shard is split, so no shard holds more than `shard_items` rows."""
-        self._validate(keys, arrays)
+        self._validate(keys, arrays, aliases or {})
         start = 0
         while start < len(keys):
             shard = self._current()
             stop = min(len(keys), start + self.shard_items - shard.n)
             part = list(keys[start:stop])
-            with self._write_errors():
+            with self._write_errors(f"writing shard {shard.final_path.name}"):
                 shard.append(part, {n: arrays[n][start:stop] for n in self.schema.fields})
                 self._add_aliases(shard, shard.n - len(part), part, aliases or {})
             self.done.update(part)
@@ -377,10 +349,18 @@ class CacheWriter:
             self.done.update(mine)
 
     def add_failure(self, key: str, path: str, reason: str) -> None:
-        self._current().append_failure(key, path, reason)
-        self.done.add(key)
+        """Record an item that could not be read; `storable(key)` is what lands in `done`."""
+        shard = self._current()
+        with self._write_errors(f"writing shard {shard.final_path.name}"):
+            shard.append_failure(key, path, reason)
+        self.done.add(storable(key))
 
-    def _validate(self, keys: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
+    def _validate(
+        self, keys: Sequence[str], arrays: dict[str, np.ndarray], aliases: dict[str, str]
+    ) -> None:
+        for key in (*keys, *aliases):
+            if storable(key) != key:
+                raise CacheError(f"{self.path}: key {key!r} is not valid UTF-8 text")
         for name, (shape, _) in self.schema.fields.items():
             value = arrays.get(name)
             if value is None:
@@ -395,7 +375,7 @@ class CacheWriter:
     def flush(self) -> None:
         """Finish the current shard (if any rows or failures) and make it visible."""
         if self._shard is not None:
-            with self._write_errors():
+            with self._write_errors(f"finishing shard {self._shard.final_path.name}"):
                 if self._shard.n or self._shard.n_failures:
                     self._shard.finish()
                 else:
@@ -403,29 +383,32 @@ class CacheWriter:
             self._shard = None
 
     @contextlib.contextmanager
-    def _write_errors(self):
+    def _write_errors(self, what: str):
         """A full disk or file-size limit surfaces from HDF5 as OSError or RuntimeError: drop the
         partial shard and say what to do; complete shards are untouched."""
         try:
             yield
+        except CacheError:
+            raise
         except (OSError, RuntimeError) as err:
             self.abort()
-            raise CacheError(
-                f"writing a shard of {self.path} failed ({err}); the complete "
-                "shards are intact: fix the cause (disk space?) and rerun the same "
-                "command with --resume"
-            ) from err
+            raise CacheWriteError(write_error_message(self.path, what, err)) from err
 
     def close(self) -> None:
-        self.flush()
-        if self.build_index_on_close:
-            build_index(self.path)
+        try:
+            self.flush()
+            if self.build_index_on_close:
+                build_index(self.path)
+        finally:
+            self._lock.release()
 
     def abort(self) -> None:
         """Drop the partial shard; complete shards stay for --resume."""
         shard, self._shard = self._shard, None
         if shard is not None:
             shard.abort()
+        if hasattr(self, "_lock"):
+            self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -437,90 +420,91 @@ class CacheWriter:
             self.abort()
 
 
-# Provenance keys that must agree between a resumed run and the shards it continues.
-RESUME_MUST_MATCH = (
-    "backbone",
-    "model",
-    "weights_sha256",
-    "seed",
-    "preprocessing",
-    "dtype",
-    "dataset",
-    "split",
-    "box_policy",
-)
+RESUME = "rerun the same command with --resume"
 
 
-def build_index(path: str | Path) -> dict:
-    """Tie every complete shard beside `path` into the index file, atomically. Returns a summary."""
+def write_error_message(path: Path, what: str, err: BaseException, then: str = RESUME) -> str:
+    return (
+        f"{path}: {what} failed ({describe_os_error(err)}); the complete shards are intact: fix "
+        f"the cause (disk space?) and {then}"
+    )
+
+
+def build_index(path: str | Path, *, then: str = RESUME) -> dict:
+    """Tie every complete shard beside `path` into the index file, atomically. Returns a summary.
+    All shards must share one schema and one provenance identity, and no key may repeat.
+    `then`: what the message of a write error tells the user to do."""
     path = Path(path)
     shards = complete_shards(path)
     if not shards:
         raise CacheError(f"{path}: no complete shards in {shard_dir(path)}")
-    rows_keys, alias_keys, alias_rows, failures, table = [], [], [], [], []
-    first_attrs, offset = None, 0
-    for shard in shards:
-        keys, akeys, arows, _ = read_shard_keys(shard)
-        with h5py.File(shard, "r") as h5:
-            attrs = dict(h5.attrs)
-            failures += zip(
-                _decode(h5["failed_keys"][:]),
-                _decode(h5["failed_paths"][:]),
-                _decode(h5["failed_reasons"][:]),
-                strict=True,
-            )
-        if first_attrs is None:
-            first_attrs = attrs
-        elif attrs["schema"] != first_attrs["schema"]:
-            raise CacheError(f"{shard}: schema differs from {shards[0]}")
-        rows_keys += keys
-        alias_keys += akeys
-        alias_rows += [offset + int(r) for r in arows]
-        table.append((shard.name, len(keys), shard.stat().st_size, shard_checksum(shard)))
-        offset += len(keys)
-    all_keys = rows_keys + alias_keys
-    _check_unique(path, all_keys, shards)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    if index_state(path) == "foreign":
+        raise CacheError(f"{path} exists and is not a vlpipe index; it is not replaced")
+    infos = [read_shard(s) for s in shards]
+    for info in infos[1:]:
+        _check_same_run(path, infos[0], info)
+    table = index_tables(infos)
+    _check_unique(path, table["keys"], shards)
+    tmp = index_tmp(path)
+    try:
+        _write_index(tmp, path, infos, table)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CacheWriteError(write_error_message(path, "writing the index", err, then)) from err
+    return {
+        "rows": int(table["offsets"][-1]),
+        "keys": len(table["keys"]),
+        "failures": len(table["failures"]),
+        "shards": len(infos),
+    }
+
+
+def _check_same_run(path: Path, first: ShardInfo, info: ShardInfo) -> None:
+    hint = f"run `vlpipe verify --repair {path}` to move shards that do not belong aside"
+    if info.schema != first.schema:
+        raise CacheError(f"{info.path}: schema differs from {first.path.name}'s; {hint}")
+    diff = identity_diff(first.provenance, info.provenance)
+    if diff:
+        raise CacheError(
+            f"{info.path}: from another run than {first.path.name} (differs: {diff}); {hint}"
+        )
+
+
+def _write_index(tmp: Path, path: Path, infos: Sequence[ShardInfo], table: dict) -> None:
+    prov = {k: v for k, v in infos[0].provenance.items() if k != "shard"}
+    names = [i.path.name for i in infos]
     with h5py.File(tmp, "w") as h5:
-        for name in ("schema_version", "kind", "schema", "provenance"):
-            h5.attrs[name] = first_attrs[name]
-        h5.attrs["n_rows"], h5.attrs["n_keys"], h5.attrs["n_failures"] = (
-            offset,
-            len(all_keys),
-            len(failures),
-        )
-        h5["shard_files"] = np.array([t[0] for t in table], dtype=object).astype(_STR)
-        h5["shard_rows"] = np.array([t[1] for t in table], np.int64)
-        h5["shard_bytes"] = np.array([t[2] for t in table], np.int64)
-        h5["shard_sha256"] = np.array([t[3] for t in table], dtype=object).astype(_STR)
-        h5.create_dataset("keys", data=np.array(all_keys, dtype=object), dtype=_STR)
-        h5["key_rows"] = np.concatenate(
-            [np.arange(offset), np.asarray(alias_rows, np.int64)]
-        ).astype(np.int64)
-        h5.create_dataset(
-            "failures", data=np.array(failures or np.empty((0, 3)), dtype=object), dtype=_STR
-        )
+        h5.attrs["schema_version"] = SCHEMA_VERSION
+        h5.attrs["kind"] = Schema.from_json(infos[0].schema).kind
+        h5.attrs["schema"] = infos[0].schema
+        h5.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+        h5.attrs["identity"] = json.dumps(provenance_identity(prov), sort_keys=True)
+        h5.attrs["identity_sha256"] = identity_digest(prov)
+        h5.attrs["n_rows"] = int(table["offsets"][-1])
+        h5.attrs["n_keys"] = len(table["keys"])
+        h5.attrs["n_failures"] = len(table["failures"])
+        h5["shard_files"] = _strings(names)
+        h5["shard_rows"] = np.array([i.rows for i in infos], np.int64)
+        h5["shard_bytes"] = np.array([i.path.stat().st_size for i in infos], np.int64)
+        h5["shard_sha256"] = _strings([shard_checksum(i.path) for i in infos])
+        h5["shard_keys_sha256"] = _strings([i.keys_sha256 for i in infos])
+        h5["shard_identity_sha256"] = _strings([i.identity_sha256 for i in infos])
+        h5.create_dataset("keys", data=np.array(table["keys"], dtype=object), dtype=STR)
+        h5["key_rows"] = table["key_rows"]
+        failures = np.array(table["failures"] or np.empty((0, 3)), dtype=object)
+        h5.create_dataset("failures", data=failures, dtype=STR)
         links = h5.create_group("shards")
-        for name, *_ in table:
+        for name in names:
             links[name] = h5py.ExternalLink(f"{shard_dir(path).name}/{name}", "/")
-    os.replace(tmp, path)
-    return {"rows": offset, "keys": len(all_keys), "failures": len(failures), "shards": len(table)}
+        h5.flush()
+        os.fsync(h5.id.get_vfd_handle())
 
 
-SPAN_BYTES = 8 << 20  # read a whole span when it costs at most this much
-
-
-def _read_sorted(ds: h5py.Dataset, rows: np.ndarray, item_bytes: int) -> np.ndarray:
-    """Rows (sorted, unique) of a dataset. h5py's point selection (`ds[rows]`) runs at about
-    18 MB/s (docs/benchmarks.md), so small items are read as one contiguous span and picked in
-    numpy, and big items (regions, patches) one row slice at a time."""
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    if len(rows) == 1 or (hi - lo) * item_bytes <= max(SPAN_BYTES, 4 * len(rows) * item_bytes):
-        return ds[lo:hi][rows - lo]
-    out = np.empty((len(rows), *ds.shape[1:]), dtype=ds.dtype)
-    for i, row in enumerate(rows.tolist()):
-        out[i] = ds[row]
-    return out
+def _strings(values: Sequence[str]) -> np.ndarray:
+    return np.array(list(values), dtype=object).astype(STR)
 
 
 def _check_unique(path: Path, keys: list[str], shards: list[Path]) -> None:
@@ -533,172 +517,3 @@ def _check_unique(path: Path, keys: list[str], shards: list[Path]) -> None:
         raise CacheError(
             f"{path}: duplicate keys across shards {[s.name for s in shards]}: {dup[:5]}"
         )
-
-
-class FeatureCache:
-    """Random access to a cache by key or by row, safe to hand to DataLoader workers.
-
-    Only the index (keys and row numbers) is held in memory; features are read on demand. HDF5
-    handles are opened lazily and re-opened after a fork, so no handle crosses a process boundary.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise CacheError(f"{self.path}: no such cache")
-        with h5py.File(self.path, "r") as h5:
-            if int(h5.attrs.get("schema_version", -1)) > SCHEMA_VERSION:
-                raise CacheError(
-                    f"{self.path}: schema version {h5.attrs['schema_version']} is newer "
-                    f"than this vlpipe ({SCHEMA_VERSION}); upgrade vlpipe"
-                )
-            self.schema = Schema.from_json(h5.attrs["schema"])
-            self.provenance = json.loads(h5.attrs["provenance"])
-            self.shard_files = _decode(h5["shard_files"][:])
-            shard_rows = h5["shard_rows"][:]
-            # utf-8 bytes, not numpy unicode: 4x less memory for the one O(N) table we hold.
-            self._keys = np.array(h5["keys"][:].tolist(), dtype=bytes)
-            self._key_rows = h5["key_rows"][:]
-            self.failures = [tuple(_decode(r)) for r in h5["failures"][:]]
-        self._starts = np.concatenate([[0], np.cumsum(shard_rows)]).astype(np.int64)
-        self._order = np.argsort(self._keys, kind="stable")
-        self._sorted_keys = self._keys[self._order]
-        self._handles: dict[int, h5py.File] = {}
-        # Dataset objects kept open: re-opening one per read throws HDF5's chunk cache away.
-        self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
-        self._pid = os.getpid()
-
-    @property
-    def kind(self) -> str:
-        return self.schema.kind
-
-    @property
-    def fields(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return self.schema.fields
-
-    @property
-    def num_rows(self) -> int:
-        return int(self._starts[-1])
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def keys(self) -> list[str]:
-        return _decode(self._keys)
-
-    def __contains__(self, key: str) -> bool:
-        return bool(self._find([key])[1][0])
-
-    def contains(self, keys: Sequence[str]) -> np.ndarray:
-        """Vectorised `key in cache` for many keys (bool array)."""
-        if not len(keys) or not len(self._sorted_keys):  # a cache may hold only failures
-            return np.zeros(len(keys), dtype=bool)
-        return self._find(keys)[1]
-
-    def _find(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(position in sorted order, found?) of each key."""
-        query = np.array([k.encode() for k in keys], dtype=bytes)
-        pos = np.minimum(np.searchsorted(self._sorted_keys, query), len(self._sorted_keys) - 1)
-        return pos, self._sorted_keys[pos] == query
-
-    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
-        """Row number of each key; KeyError names the first missing one."""
-        pos, found = self._find(keys)
-        if not np.all(found):
-            raise KeyError(f"{self.path}: key {keys[int(np.argmin(found))]!r} is not in the cache")
-        return self._key_rows[self._order[pos]]
-
-    def _file(self, shard: int) -> h5py.File:
-        if self._pid != os.getpid():  # forked: never touch the parent's handles
-            self._handles, self._datasets, self._pid = {}, {}, os.getpid()
-        h5 = self._handles.get(shard)
-        if h5 is None:
-            name = shard_dir(self.path) / self.shard_files[shard]
-            try:
-                h5 = h5py.File(name, "r")
-            except OSError as err:
-                raise CacheError(f"{name}: cannot open shard ({err})") from err
-            self._handles[shard] = h5
-        return h5
-
-    def read_rows(
-        self, rows: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Stacked fields of the given rows, in the given order (rows may repeat)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-            raise IndexError(f"{self.path}: row out of range 0..{self.num_rows - 1}")
-        fields = list(fields or self.schema.fields)
-        out = {f: self._empty(f, len(rows)) for f in fields}
-        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
-        for shard in np.unique(shard_of):
-            sel = np.nonzero(shard_of == shard)[0]
-            local = rows[sel] - self._starts[shard]
-            uniq, inverse = np.unique(local, return_inverse=True)
-            for f in fields:
-                data = _read_sorted(self._dataset(int(shard), f), uniq, self._item_bytes(f))
-                out[f][sel] = data[inverse] if f != "text" else np.array(_decode(data))[inverse]
-        return out
-
-    def _dataset(self, shard: int, field: str) -> h5py.Dataset:
-        h5 = self._file(shard)  # also resets the caches after a fork
-        ds = self._datasets.get((shard, field))
-        if ds is None:
-            ds = self._datasets[(shard, field)] = h5[field]
-        return ds
-
-    def _item_bytes(self, field: str) -> int:
-        shape, dtype = self.schema.fields[field]
-        return int(np.prod(shape, dtype=np.int64)) * (
-            8 if dtype == "str" else np.dtype(dtype).itemsize
-        )
-
-    def _empty(self, field: str, n: int) -> np.ndarray:
-        if field not in self.schema.fields:
-            raise KeyError(f"{self.path}: no field {field!r}; it has {sorted(self.schema.fields)}")
-        shape, dtype = self.schema.fields[field]
-        return np.empty((n, *shape), dtype=object if dtype == "str" else dtype)
-
-    def read(
-        self, keys: Sequence[str], fields: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        return self.read_rows(self.rows_of(keys), fields)
-
-    def __getitem__(self, key: str | int) -> dict[str, np.ndarray]:
-        rows = [key] if isinstance(key, int | np.integer) else self.rows_of([key])
-        return {f: v[0] for f, v in self.read_rows(rows).items()}
-
-    def close(self) -> None:
-        self._datasets = {}
-        if self._pid == os.getpid():
-            for h5 in self._handles.values():
-                h5.close()
-        self._handles = {}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"], state["_datasets"] = {}, {}
-        return state
-
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown may have torn h5py down
-            self.close()
-
-    def summary(self, n_samples: int = 5) -> dict:
-        """What `vlpipe inspect` prints."""
-        return {
-            "path": str(self.path),
-            "kind": self.kind,
-            "schema_version": SCHEMA_VERSION,
-            "items": len(self),
-            "rows": self.num_rows,
-            "shards": len(self.shard_files),
-            "failures": len(self.failures),
-            "fields": {n: {"shape": list(s), "dtype": d} for n, (s, d) in self.fields.items()},
-            "sample_keys": self.keys()[:n_samples],
-            "failed": [
-                dict(zip(("key", "path", "reason"), f, strict=True))
-                for f in self.failures[:n_samples]
-            ],
-            "provenance": self.provenance,
-        }

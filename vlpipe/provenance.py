@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import time
 from importlib import metadata
@@ -10,6 +11,49 @@ from pathlib import Path
 
 RANDOM_INIT = "random-init"
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+# The provenance fields that define what the features are. Two caches (or two shards of one)
+# with the same identity hold interchangeable features; everything else in provenance (time,
+# host, package versions, dataset root, shard name) is incidental. A field a cache lacks counts
+# as None. The seed defines the features only for random-init weights.
+IDENTITY_FIELDS = (
+    "backbone",
+    "model",
+    "weights_sha256",
+    "seed",
+    "preprocessing",
+    "dtype",
+    "precision",
+    "dataset",
+    "split",
+    "box_policy",
+    "box_convention",
+    "impl",
+    "source_format",  # `vlpipe import`: the file format, key rule and box count it read
+    "key_rule",
+    "img_id_format",
+    "max_boxes",
+)
+
+
+def provenance_identity(provenance: dict) -> dict:
+    """The identity part of a cache's provenance (see IDENTITY_FIELDS), JSON-normalised."""
+    identity = {name: provenance.get(name) for name in IDENTITY_FIELDS}
+    if identity["weights_sha256"] != RANDOM_INIT:
+        identity["seed"] = None
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def identity_digest(provenance: dict) -> str:
+    """sha256 of `provenance_identity(provenance)`: equal digests, interchangeable features."""
+    text = json.dumps(provenance_identity(provenance), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity_diff(ours: dict, theirs: dict) -> dict[str, tuple]:
+    """Identity fields that differ between two provenances: name -> (theirs, ours)."""
+    a, b = provenance_identity(ours), provenance_identity(theirs)
+    return {k: (b[k], a[k]) for k in IDENTITY_FIELDS if a[k] != b[k]}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22, cached: bool = True) -> str:
@@ -66,24 +110,15 @@ def host_record() -> dict[str, str]:
     return {"host": platform.node(), "python": platform.python_version()}
 
 
-# What defines the features themselves, whatever dataset or split they were computed over: the
-# same encoder with the same weights and preprocessing gives the same features. The seed only
-# matters for random-init weights. Training and evaluation caches are compared on these.
-ENCODER_IDENTITY = (
-    "backbone",
-    "model",
-    "weights_sha256",
-    "seed",
-    "preprocessing",
-    "dtype",
-    "precision",
-    "box_policy",
-)
+# What a cache's data are, as opposed to what made its features: training and evaluation caches
+# of one encoder differ here by design (train vs val split) and are compared without them.
+DATA_FIELDS = ("dataset", "split")
 
 
 def encoder_identity(prov: dict | None) -> dict:
-    """The provenance fields that define an encoder's features (see ENCODER_IDENTITY)."""
+    """The identity of the encoder that made a cache's features: `provenance_identity` without
+    the dataset and split. {} for no cache."""
     if prov is None:
         return {}
-    keys = [k for k in ENCODER_IDENTITY if k != "seed" or prov.get("weights") == RANDOM_INIT]
-    return {k: prov.get(k) for k in keys}
+    identity = provenance_identity(prov)
+    return {k: v for k, v in identity.items() if k not in DATA_FIELDS}
