@@ -128,7 +128,7 @@ def main() -> None:
     from vlpipe.tokenizer import bert_tokenizer
 
     tok = bert_tokenizer(vocab_file(work))
-    needs = ("text_ids", "text_mask", "image_feats", "image_boxes", "image_mask")
+    needs = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
     ds = TaskDataset(task, recs, CacheSet([work / "r.h5"]), None, vocab, needs, tok, 20)
     l_, r_, x_ = args.layers
     config = make_fusion_config(

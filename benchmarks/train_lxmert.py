@@ -90,9 +90,9 @@ def random_batch(args, vocab: int, g: torch.Generator) -> dict[str, torch.Tensor
     return {
         "text_ids": torch.randint(1, vocab, (b, n), generator=g),
         "text_mask": torch.arange(n)[None] < lengths[:, None],
-        "image_feats": torch.rand(b, k, args.feat_dim, generator=g),
-        "image_boxes": torch.cat([corner, corner + 0.3 * torch.rand(b, k, 2, generator=g)], -1),
-        "image_mask": torch.ones(b, k, dtype=torch.bool),
+        "region_feats": torch.rand(b, k, args.feat_dim, generator=g),
+        "region_boxes": torch.cat([corner, corner + 0.3 * torch.rand(b, k, 2, generator=g)], -1),
+        "region_mask": torch.ones(b, k, dtype=torch.bool),
         "target": target,
     }
 
@@ -106,9 +106,9 @@ def theirs_logits(model, batch):
     return model(
         input_ids=batch["text_ids"],
         attention_mask=batch["text_mask"],
-        visual_feats=batch["image_feats"],
-        visual_pos=batch["image_boxes"],
-        visual_attention_mask=batch["image_mask"],
+        visual_feats=batch["region_feats"],
+        visual_pos=batch["region_boxes"],
+        visual_attention_mask=batch["region_mask"],
     ).question_answering_score
 
 

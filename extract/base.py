@@ -71,6 +71,11 @@ class Extractor(nn.Module):
     def preprocessing(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def facts(self) -> dict[str, Any]:
+        """What a later stage needs to know about the fields, declared in the cache schema
+        (vlpipe.cache_format.FACTS): the patch grid, the tokenizer vocab."""
+        return {}
+
     def provenance(self) -> dict[str, Any]:
         return {
             "backbone": self.backbone,

@@ -58,6 +58,16 @@ class BertExtractor(Extractor):
             out["text_feats"] = hidden
         return out
 
+    def facts(self) -> dict[str, Any]:
+        from vlpipe.provenance import sha256_file
+        from vlpipe.tokenizer import find_vocab
+
+        return {
+            "vocab_sha256": sha256_file(find_vocab(self.vocab)),
+            "vocab_size": len(self.tokenizer),
+            "max_length": self.max_length,
+        }
+
     def preprocessing(self) -> dict[str, Any]:
         return {
             "tokenizer": "WordPiece",

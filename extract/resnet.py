@@ -76,6 +76,9 @@ class ResNetExtractor(Extractor):
             self.transform.record(), grid=list(self.grid_hw), layer=self.layer, pool=self.pool
         )
 
+    def facts(self) -> dict[str, Any]:
+        return {"grid": list(self.grid_hw)} if self.grid else {}
+
 
 def build_resnet(
     *,

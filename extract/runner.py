@@ -94,7 +94,7 @@ def run_provenance(extractor: Extractor, opts: RunOptions, dataset: dict[str, An
 
 
 def _open_writer(extractor: Extractor, out: str, opts: RunOptions, dataset: dict) -> CacheWriter:
-    schema = Schema.build(extractor.kind, extractor.shapes(), opts.dtype)
+    schema = Schema.build(extractor.kind, extractor.shapes(), opts.dtype, extractor.facts())
     shard_items = opts.shard_items or _default_shard_items(schema)
     return CacheWriter(
         out,

@@ -41,6 +41,9 @@ class ViTExtractor(Extractor):
     def preprocessing(self) -> dict[str, Any]:
         return dict(self.transform.record(), grid=list(self.grid))
 
+    def facts(self) -> dict[str, Any]:
+        return {"grid": list(self.grid)} if self.patches else {}
+
 
 def build_timm(
     arch: str, weights: str | None, image_size: int | None, model_kwargs: dict[str, Any]

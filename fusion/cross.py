@@ -49,7 +49,7 @@ class CrossFusionConfig:
 class CrossFusion(nn.Module):
     """k `LxmertXLayer`s over projected text features and encoded visual features."""
 
-    needs = ("text_feats", "text_mask", "image_feats", "image_boxes", "image_mask")
+    needs = ("text_feats", "text_mask", "region_feats", "region_boxes", "region_mask")
 
     def __init__(self, config: CrossFusionConfig):
         super().__init__()
@@ -79,16 +79,16 @@ class CrossFusion(nn.Module):
         self,
         text_feats: torch.Tensor,
         text_mask: torch.Tensor,
-        image_feats: torch.Tensor,
-        image_boxes: torch.Tensor,
-        image_mask: torch.Tensor,
+        region_feats: torch.Tensor,
+        region_boxes: torch.Tensor,
+        region_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """text_feats: B, L, Dt; text_mask: B, L; image_feats: B, K, Dv; image_boxes: B, K, 4
-        (xyxy in [0, 1]); image_mask: B, K (True = real region) -> pooled B, H."""
+        """text_feats: B, L, Dt; text_mask: B, L; region_feats: B, K, Dv; region_boxes: B, K, 4
+        (xyxy in [0, 1]); region_mask: B, K (True = real region) -> pooled B, H."""
         lang = self.text_dropout(self.text_norm(self.text_proj(text_feats)))
-        visn = self.visual(image_feats, image_boxes)
+        visn = self.visual(region_feats, region_boxes)
         dtype = self.pooler.weight.dtype
-        lang_mask, visn_mask = additive_mask(text_mask, dtype), additive_mask(image_mask, dtype)
+        lang_mask, visn_mask = additive_mask(text_mask, dtype), additive_mask(region_mask, dtype)
         for layer in self.layers:
             lang, visn = layer(lang, lang_mask, visn, visn_mask)[:2]
         return torch.tanh(self.pooler(lang[:, 0]))

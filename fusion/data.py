@@ -3,8 +3,10 @@
 A `TaskDataset` joins text records (questions / statements with their answers) to the feature
 caches by key, checks before the first step that every key is present and that the caches hold
 what the model needs, and serves whole batches (one batched HDF5 read per batch, in DataLoader
-workers). Batch fields use the cache vocabulary: image_feats, image_boxes, image_mask,
-image_cls, text_feats, text_mask, text_cls, text_ids, plus `target`.
+workers). Batch fields: region_feats, region_boxes, region_mask (what a model attends over:
+the cache's regions, or its patches / grid cells with the CLS / pooled vector prepended as a
+whole-image region, so K or K + 1 rows; boxes normalised to [0, 1], unlike the cache's pixel
+image_boxes), image_cls, text_feats, text_mask, text_cls, text_ids, plus `target`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from vlpipe.fusion.answers import AnswerVocab, target_scores
 from vlpipe.fusion.tasks import Task
 from vlpipe.tokenizer import MAX_LENGTH
 
-IMAGE_FIELDS = ("image_feats", "image_boxes", "image_mask", "image_cls")
+IMAGE_FIELDS = ("region_feats", "region_boxes", "region_mask", "image_cls")
 TEXT_FIELDS = ("text_feats", "text_mask", "text_cls")
 
 
@@ -38,12 +40,15 @@ class CacheSet:
         self.caches = [FeatureCache(p) for p in paths]
         first = self.caches[0]
         for other in self.caches[1:]:
-            if other.kind != first.kind or other.fields != first.fields:
+            common = other.schema.facts.keys() & first.schema.facts.keys()
+            facts_differ = any(other.schema.facts[k] != first.schema.facts[k] for k in common)
+            if other.kind != first.kind or other.fields != first.fields or facts_differ:
                 raise DataMismatch(
                     f"{other.path} ({other.kind}, {other.fields}) does not match "
                     f"{first.path} ({first.kind}, {first.fields})"
                 )
         self.kind, self.fields, self.provenance = first.kind, first.fields, first.provenance
+        self.facts = first.schema.facts
 
     @property
     def names(self) -> str:
@@ -95,19 +100,19 @@ def visual_fields(
     if kind == "regions":
         hw = raw["image_hw"].astype(np.float32)
         scale = np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None, :]
-        out["image_feats"] = raw["image_feats"].astype(np.float32)
-        out["image_boxes"] = np.clip(raw["image_boxes"] / scale, 0.0, 1.0).astype(np.float32)
-        out["image_mask"] = raw["image_mask"].astype(bool)
-        mask = out["image_mask"][..., None]
-        out["image_cls"] = (out["image_feats"] * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        out["region_feats"] = raw["image_feats"].astype(np.float32)
+        out["region_boxes"] = np.clip(raw["image_boxes"] / scale, 0.0, 1.0).astype(np.float32)
+        out["region_mask"] = raw["image_mask"].astype(bool)
+        mask = out["region_mask"][..., None]
+        out["image_cls"] = (out["region_feats"] * mask).sum(1) / np.maximum(mask.sum(1), 1)
     else:
         cls = raw["image_cls"].astype(np.float32)
         out["image_cls"] = cls
         if "image_feats" in raw:
             feats = np.concatenate([cls[:, None], raw["image_feats"].astype(np.float32)], 1)
-            out["image_feats"] = feats
-            out["image_boxes"] = np.broadcast_to(grid_boxes(grid, True), (*feats.shape[:2], 4))
-            out["image_mask"] = np.ones(feats.shape[:2], dtype=bool)
+            out["region_feats"] = feats
+            out["region_boxes"] = np.broadcast_to(grid_boxes(grid, True), (*feats.shape[:2], 4))
+            out["region_mask"] = np.ones(feats.shape[:2], dtype=bool)
     return {k: v for k, v in out.items() if k in needs}
 
 
@@ -297,7 +302,8 @@ class TaskDataset(Dataset):
 
 
 def _grid_of(images: CacheSet) -> tuple[int, int] | None:
-    grid = images.provenance.get("preprocessing", {}).get("grid")
+    """The patch / cell grid the cache declares (caches before schema v3: their provenance)."""
+    grid = images.facts.get("grid") or images.provenance.get("preprocessing", {}).get("grid")
     return tuple(grid) if grid else None
 
 

@@ -80,7 +80,7 @@ class LxmertFusion(nn.Module):
     The last cross layer's visual stream cannot reach the pooled output, so it is neither
     computed nor trained (see `attention.language_only_tail`); its weights still load and save."""
 
-    needs = ("text_ids", "text_mask", "image_feats", "image_boxes", "image_mask")
+    needs = ("text_ids", "text_mask", "region_feats", "region_boxes", "region_mask")
 
     def __init__(self, config: LxmertFusionConfig):
         super().__init__()
@@ -94,18 +94,18 @@ class LxmertFusion(nn.Module):
         self,
         text_ids: torch.Tensor,
         text_mask: torch.Tensor,
-        image_feats: torch.Tensor,
-        image_boxes: torch.Tensor,
-        image_mask: torch.Tensor,
+        region_feats: torch.Tensor,
+        region_boxes: torch.Tensor,
+        region_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """text_ids, text_mask: B, L; image_feats: B, K, Dv; image_boxes: B, K, 4 (xyxy in
-        [0, 1]); image_mask: B, K (True = real region) -> pooled B, H."""
+        """text_ids, text_mask: B, L; region_feats: B, K, Dv; region_boxes: B, K, 4 (xyxy in
+        [0, 1]); region_mask: B, K (True = real region) -> pooled B, H."""
         out = self.lxmert(
             input_ids=text_ids,
             attention_mask=text_mask,
-            visual_feats=image_feats,
-            visual_pos=image_boxes,
-            visual_attention_mask=image_mask,
+            visual_feats=region_feats,
+            visual_pos=region_boxes,
+            visual_attention_mask=region_mask,
             return_dict=True,
         )
         return out.pooled_output

@@ -17,7 +17,7 @@ from vlpipe.errors import ConfigError
 from vlpipe.fusion.heads import ClassifierHead
 from vlpipe.fusion.registry import FUSIONS, FusionSpec
 
-IMAGE_PREFIX = "image_"
+IMAGE_PREFIXES = ("image_", "region_")  # fields with one entry per image
 
 
 def fusion_spec(name: str) -> FusionSpec:
@@ -83,6 +83,6 @@ class TaskModel(nn.Module):
         return self.head(pooled.reshape(-1, self.pair * pooled.shape[-1]))
 
     def _pairs(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        if name.startswith(IMAGE_PREFIX):  # B, 2, ... -> 2B, ... (image-major within example)
+        if name.startswith(IMAGE_PREFIXES):  # B, 2, ... -> 2B, ... (image-major within example)
             return value.reshape(-1, *value.shape[2:])
         return value.repeat_interleave(self.pair, dim=0)  # the sentence goes with each image

@@ -62,17 +62,25 @@ class DataSpec:
 
 
 def _tokenizer(vocab: str | None, texts: CacheSet | None):
-    from vlpipe.tokenizer import bert_tokenizer
+    """The WordPiece tokenizer of a fusion that tokenizes: --vocab, else the one the text cache
+    declares (when its file is still there with the declared sha256), else the packaged one."""
+    from vlpipe.provenance import sha256_file
+    from vlpipe.tokenizer import bert_tokenizer, default_vocab, find_vocab
 
     if vocab is None and texts is not None:
         vocab = texts.provenance.get("preprocessing", {}).get("vocab")
-    if vocab is None:
-        from vlpipe.tokenizer import default_vocab
-
-        vocab = default_vocab()
+        declared = texts.facts.get("vocab_sha256")
+        if vocab is not None and declared is not None:
+            path = Path(vocab) / "vocab.txt" if Path(vocab).is_dir() else Path(vocab)
+            if not path.is_file() or sha256_file(path) != declared:
+                raise ConfigError(
+                    f"{texts.names} was tokenized with a vocab (sha256 {declared[:12]}...) that "
+                    f"is not at {path} on this machine: pass --vocab PATH/vocab.txt"
+                )
+    vocab = vocab if vocab is not None else default_vocab()
     if vocab is None:
         raise ConfigError("this fusion tokenizes the texts: pass --vocab PATH/vocab.txt")
-    return bert_tokenizer(vocab), str(vocab)
+    return bert_tokenizer(vocab), str(find_vocab(vocab))
 
 
 def build_dataset(

@@ -65,7 +65,10 @@ def run_dataset(
     if "text_ids" in model.needs:
         from vlpipe.tokenizer import bert_tokenizer
 
-        tokenizer = bert_tokenizer(meta["tokenizer"]["vocab"])
+        vocab = Path(meta["tokenizer"]["vocab"])
+        if not vocab.is_absolute() and Path(run_dir).is_dir():  # a run's own copy
+            vocab = Path(run_dir) / vocab
+        tokenizer = bert_tokenizer(vocab)
     data = build_dataset(
         spec,
         task,

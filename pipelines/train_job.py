@@ -31,6 +31,7 @@ from vlpipe.provenance import encoder_identity
 from vlpipe.tokenizer import BERT_VOCAB_SIZE
 
 CONFIG_FILE = "config.toml"
+VOCAB_FILE = "vocab.txt"  # a tokenizing fusion's WordPiece vocab, copied into the run
 
 
 def resolve_train(*layers: dict, names: dict | None = None) -> TrainJob:
@@ -106,7 +107,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         "fusion": job.fusion,
         "fusion_config": dataclasses.asdict(fusion_config),
         "answers": vocab.answers,
-        "tokenizer": {"vocab": vocab_path, "max_length": job.max_length},
+        "tokenizer": _tokenizer_meta(vocab_path, job.max_length),
         "caches": {
             "image": data.images.provenance,
             "text": data.texts.provenance if data.texts else None,
@@ -121,9 +122,21 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         _check_resumable(job.out, meta, cfg, job.accept_changes)
     job.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(job.out / CONFIG_FILE, to_toml(job))
+    if vocab_path is not None:  # the run carries its tokenizer: evaluation needs no other path
+        write_text_atomic(job.out / VOCAB_FILE, Path(vocab_path).read_text(encoding="utf-8"))
     return train(
         model, task, data, cfg, job.out, meta, val=val, resume=job.resume, progress=job.progress
     )
+
+
+def _tokenizer_meta(vocab_path: str | None, max_length: int) -> dict[str, Any]:
+    """How the run tokenizes: its own copy of the vocab (RUN/vocab.txt) and that file's sha256,
+    so the run neither depends on nor records a path of the machine it was trained on."""
+    if vocab_path is None:
+        return {"vocab": None, "max_length": max_length}
+    from vlpipe.provenance import sha256_file
+
+    return {"vocab": VOCAB_FILE, "vocab_sha256": sha256_file(vocab_path), "max_length": max_length}
 
 
 def _fusion_config(job: TrainJob, widths: dict[str, int]):

@@ -36,9 +36,9 @@ def make_batch(seed: int = 0, batch: int = 3, tokens: int = 6, regions: int = 5)
     return {
         "text_feats": torch.randn(batch, tokens, TINY["text_dim"], generator=g),
         "text_mask": torch.arange(tokens)[None] < torch.tensor([6, 4, 2])[:, None],
-        "image_feats": torch.randn(batch, regions, TINY["visual_feat_dim"], generator=g),
-        "image_boxes": torch.rand(batch, regions, 4, generator=g),
-        "image_mask": torch.arange(regions)[None] < torch.tensor([5, 3, 1])[:, None],
+        "region_feats": torch.randn(batch, regions, TINY["visual_feat_dim"], generator=g),
+        "region_boxes": torch.rand(batch, regions, 4, generator=g),
+        "region_mask": torch.arange(regions)[None] < torch.tensor([5, 3, 1])[:, None],
     }
 
 
@@ -53,9 +53,9 @@ def test_forward_shape_and_interface():
     assert CrossFusion.needs == (
         "text_feats",
         "text_mask",
-        "image_feats",
-        "image_boxes",
-        "image_mask",
+        "region_feats",
+        "region_boxes",
+        "region_mask",
     )
     assert pooled_of(model, make_batch()).shape == (3, 32)
     assert len(model.layers) == 2
@@ -79,9 +79,9 @@ def test_masked_regions_and_padded_tokens_do_not_change_the_output():
     batch = make_batch()
     changed = dict(batch)
     changed["text_feats"] = torch.where(batch["text_mask"][..., None], batch["text_feats"], 9.0)
-    pad = ~batch["image_mask"][..., None]
-    changed["image_feats"] = torch.where(pad, -50.0, batch["image_feats"])
-    changed["image_boxes"] = torch.where(pad, 0.25, batch["image_boxes"])
+    pad = ~batch["region_mask"][..., None]
+    changed["region_feats"] = torch.where(pad, -50.0, batch["region_feats"])
+    changed["region_boxes"] = torch.where(pad, 0.25, batch["region_boxes"])
     torch.testing.assert_close(pooled_of(model, changed), pooled_of(model, batch))
     changed["text_feats"] = batch["text_feats"].clone()
     changed["text_feats"][:, 1] += 1.0  # a real token does matter

@@ -53,14 +53,14 @@ def make_batch(seed: int = 0, batch: int = 3, tokens: int = 6, regions: int = 5)
     """A batch with padded tokens (lengths 6, 4, 2) and padded regions (5, 3, 1)."""
     g = torch.Generator().manual_seed(seed)
     text_mask = torch.arange(tokens)[None] < torch.tensor([6, 4, 2])[:, None]
-    image_mask = torch.arange(regions)[None] < torch.tensor([5, 3, 1])[:, None]
+    region_mask = torch.arange(regions)[None] < torch.tensor([5, 3, 1])[:, None]
     text_ids = torch.randint(1, TINY["vocab_size"], (batch, tokens), generator=g) * text_mask
     return {
         "text_ids": text_ids,
         "text_mask": text_mask,
-        "image_feats": torch.randn(batch, regions, TINY["visual_feat_dim"], generator=g),
-        "image_boxes": torch.rand(batch, regions, 4, generator=g),
-        "image_mask": image_mask,
+        "region_feats": torch.randn(batch, regions, TINY["visual_feat_dim"], generator=g),
+        "region_boxes": torch.rand(batch, regions, 4, generator=g),
+        "region_mask": region_mask,
     }
 
 
@@ -69,9 +69,9 @@ def stock_inputs(batch: dict) -> dict:
     return {
         "input_ids": batch["text_ids"],
         "attention_mask": batch["text_mask"],
-        "visual_feats": batch["image_feats"],
-        "visual_pos": batch["image_boxes"],
-        "visual_attention_mask": batch["image_mask"],
+        "visual_feats": batch["region_feats"],
+        "visual_pos": batch["region_boxes"],
+        "visual_attention_mask": batch["region_mask"],
     }
 
 
@@ -99,9 +99,9 @@ def test_forward_shape_and_interface():
     assert LxmertFusion.needs == (
         "text_ids",
         "text_mask",
-        "image_feats",
-        "image_boxes",
-        "image_mask",
+        "region_feats",
+        "region_boxes",
+        "region_mask",
     )
     assert pooled_of(model, make_batch()).shape == (3, 32)
 
@@ -136,13 +136,13 @@ def test_masked_regions_and_padded_tokens_do_not_change_the_output():
     batch = make_batch()
     changed = dict(batch)
     changed["text_ids"] = torch.where(batch["text_mask"], batch["text_ids"], 7)
-    pad = ~batch["image_mask"][..., None]
-    changed["image_feats"] = torch.where(pad, 100.0, batch["image_feats"])
-    changed["image_boxes"] = torch.where(pad, 0.5, batch["image_boxes"])
+    pad = ~batch["region_mask"][..., None]
+    changed["region_feats"] = torch.where(pad, 100.0, batch["region_feats"])
+    changed["region_boxes"] = torch.where(pad, 0.5, batch["region_boxes"])
     torch.testing.assert_close(pooled_of(model, changed), pooled_of(model, batch))
     # ...while a real region does change it (the mask is not hiding everything).
-    changed["image_feats"] = batch["image_feats"].clone()
-    changed["image_feats"][:, 0] += 1.0
+    changed["region_feats"] = batch["region_feats"].clone()
+    changed["region_feats"][:, 0] += 1.0
     assert not torch.allclose(pooled_of(model, changed), pooled_of(model, batch), atol=1e-4)
 
 

@@ -101,11 +101,11 @@ def test_nlvr2_pairs_two_images_per_statement(tmp_path):
 
 
 def test_patch_cache_gets_cls_region_and_grid_boxes(caches):
-    ds = dataset(caches, ("image_feats", "image_boxes", "image_mask"))
+    ds = dataset(caches, ("region_feats", "region_boxes", "region_mask"))
     batch = ds[[0, 1]]
-    assert batch["image_feats"].shape == (2, 5, DIM)  # CLS + 2x2 patches
-    assert batch["image_boxes"][0, 0].tolist() == [0, 0, 1, 1]
-    assert batch["image_boxes"][0, 4].tolist() == [0.5, 0.5, 1.0, 1.0]
+    assert batch["region_feats"].shape == (2, 5, DIM)  # CLS + 2x2 patches
+    assert batch["region_boxes"][0, 0].tolist() == [0, 0, 1, 1]
+    assert batch["region_boxes"][0, 4].tolist() == [0.5, 0.5, 1.0, 1.0]
     assert grid_boxes((2, 3), False).shape == (6, 4)
 
 
@@ -118,9 +118,9 @@ def test_region_boxes_are_normalised_by_image_size(tmp_path):
         CacheSet([tmp_path / "r.h5"]),
         None,
         VOCAB,
-        ("image_feats", "image_boxes", "image_mask", "image_cls"),
+        ("region_feats", "region_boxes", "region_mask", "image_cls"),
     )
-    boxes = ds[[0]]["image_boxes"][0, 0]
+    boxes = ds[[0]]["region_boxes"][0, 0]
     assert boxes.tolist() == pytest.approx([0, 0, 0.5, 0.5])  # (20, 15) of a 40x30 image
 
 

@@ -79,9 +79,9 @@ def make_batch(pair: int = 1, batch: int = 3, tokens: int = 6, regions: int = 5)
     return {
         "text_ids": ids,
         "text_mask": text_mask,
-        "image_feats": torch.randn(*shape, 16, generator=g),
-        "image_boxes": torch.rand(*shape, 4, generator=g),
-        "image_mask": torch.ones(shape, dtype=torch.bool),
+        "region_feats": torch.randn(*shape, 16, generator=g),
+        "region_boxes": torch.rand(*shape, 4, generator=g),
+        "region_mask": torch.ones(shape, dtype=torch.bool),
     }
 
 
@@ -89,9 +89,9 @@ def reference_inputs(batch: dict) -> dict:
     return {
         "input_ids": batch["text_ids"],
         "attention_mask": batch["text_mask"],
-        "visual_feats": batch["image_feats"],
-        "visual_pos": batch["image_boxes"],
-        "visual_attention_mask": batch["image_mask"],
+        "visual_feats": batch["region_feats"],
+        "visual_pos": batch["region_boxes"],
+        "visual_attention_mask": batch["region_mask"],
     }
 
 
@@ -179,7 +179,7 @@ def test_original_nlvr2_checkpoint_pairs_images_as_the_original(tmp_path):
     assert meta["answers"] == ["False", "True"]  # nlvr2_data.py: label 1 = "True"
     batch = make_batch(pair=2)
     flat = {
-        k: v.flatten(0, 1) if k.startswith("image_") else v.repeat_interleave(2, 0)
+        k: v.flatten(0, 1) if k.startswith(("image_", "region_")) else v.repeat_interleave(2, 0)
         for k, v in batch.items()
     }
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_original_nlvr2_checkpoint_pairs_images_as_the_original(tmp_path):
         expected = logit_fc(pooled.view(-1, 2 * h))
     torch.testing.assert_close(logits_of(model, batch), expected, atol=1e-5, rtol=1e-5)
     # image order matters: swapped images give other logits
-    swapped = {k: v.flip(1) if k.startswith("image_") else v for k, v in batch.items()}
+    swapped = {k: v.flip(1) if k.startswith(("image_", "region_")) else v for k, v in batch.items()}
     assert not torch.allclose(logits_of(model, swapped), expected, atol=1e-3)
 
 

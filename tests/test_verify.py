@@ -13,6 +13,7 @@ import pytest
 
 from tests.test_cache import PROV, REGION_SHAPES, region_batch, write_regions
 from vlpipe.cache import (
+    SCHEMA_VERSION,
     CacheError,
     CacheWriter,
     FeatureCache,
@@ -266,8 +267,8 @@ def test_schema_v1_cache_reads_and_verifies_what_it_recorded(v1_cache):
     assert any("sha256 is not the one the index recorded" in p for p in verify(v1_cache).problems)
     with pytest.raises(CacheError, match="does not match the index"):
         FeatureCache(v1_cache)["img0"]
-    repair(v1_cache)  # the rebuilt index is v2, with every digest
-    assert FeatureCache(v1_cache).schema_version == 2 and verify(v1_cache).ok
+    repair(v1_cache)  # the rebuilt index is the current version, with every digest
+    assert FeatureCache(v1_cache).schema_version == SCHEMA_VERSION and verify(v1_cache).ok
 
 
 def test_missing_index_says_the_shards_are_there_and_how_to_resume(cache):

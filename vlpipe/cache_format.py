@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from vlpipe.cache_layout import CacheError, checksum_path
 from vlpipe.provenance import identity_digest, sha256_file
 
-SCHEMA_VERSION = 2  # 2: shard table with keys and identity digests
+SCHEMA_VERSION = 3  # 2: shard table with keys and identity digests; 3: declared facts
 FEATURE_DTYPES = ("float16", "float32")
 
 # name: (dtype, meaning). dtype None = the cache's feature dtype (float16 unless asked).
@@ -52,15 +53,34 @@ KINDS: dict[str, dict[str, tuple[str, ...]]] = {
 STR = h5py.string_dtype("utf-8")
 
 
+# Facts a later stage needs about a cache's fields, declared with the schema (not dug out of
+# free-form provenance): name -> (the kinds that declare it, meaning).
+FACTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "box_unit": (("regions",), "image_boxes are absolute x1, y1, x2, y2 in original pixels"),
+    "grid": (("patches", "grid"), "[rows, cols] of image_feats, row-major"),
+    "vocab_sha256": (("tokens",), "sha256 of the WordPiece vocab.txt that made text_ids"),
+    "vocab_size": (("tokens",), "tokens in that vocab"),
+    "max_length": (("tokens",), "text_ids per text, [CLS] / [SEP] included"),
+}
+KIND_FACTS = {"regions": {"box_unit": "pixels"}}  # what every cache of a kind declares
+
+
 @dataclass(frozen=True)
 class Schema:
-    """The fields one cache holds: name -> (per-item shape, dtype)."""
+    """The fields one cache holds: name -> (per-item shape, dtype), and the declared facts."""
 
     kind: str
     fields: dict[str, tuple[tuple[int, ...], str]]
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, kind: str, shapes: dict[str, tuple[int, ...]], feature_dtype: str) -> Schema:
+    def build(
+        cls,
+        kind: str,
+        shapes: dict[str, tuple[int, ...]],
+        feature_dtype: str,
+        facts: dict[str, Any] | None = None,
+    ) -> Schema:
         if kind not in KINDS:
             raise ValueError(f"unknown cache kind {kind!r}; known: {sorted(KINDS)}")
         if feature_dtype not in FEATURE_DTYPES:
@@ -72,16 +92,21 @@ class Schema:
         extra = [f for f in shapes if f not in allowed]
         if missing or extra:
             raise ValueError(f"{kind} cache: missing fields {missing}, unexpected fields {extra}")
+        facts = {**KIND_FACTS.get(kind, {}), **(facts or {})}
+        wrong = [k for k in facts if k not in FACTS or kind not in FACTS[k][0]]
+        if wrong:
+            raise ValueError(f"{kind} cache: facts {wrong} are not declared for this kind")
         fields = {n: (tuple(s), FIELDS[n][0] or feature_dtype) for n, s in shapes.items()}
-        return cls(kind, fields)
+        return cls(kind, fields, json.loads(json.dumps(facts)))
 
     def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "fields": self.fields})
+        return json.dumps({"kind": self.kind, "fields": self.fields, "facts": self.facts})
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
         raw = json.loads(text)
-        return cls(raw["kind"], {n: (tuple(s), d) for n, (s, d) in raw["fields"].items()})
+        fields = {n: (tuple(s), d) for n, (s, d) in raw["fields"].items()}
+        return cls(raw["kind"], fields, raw.get("facts", {}))  # before v3: no facts
 
 
 def storable(text: str) -> str:
