@@ -67,7 +67,9 @@ def test_a_run_carries_its_vocab(tmp_path):
     from tests.fusion_fixtures import gqa_color_task
 
     data = gqa_color_task(tmp_path, n_images=6)
-    tiny = '{"hidden": 32, "heads": 2, "intermediate": 64, "l_layers": 1, "r_layers": 1, "x_layers": 1}'
+    from vlpipe.fusion.registry import FUSIONS
+
+    tiny = json.dumps(FUSIONS["lxmert"].tiny)
     vlpipe(
         "train",
         *data,
