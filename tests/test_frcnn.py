@@ -145,7 +145,8 @@ def test_res5_chunking_does_not_change_features():
 
 
 def test_caffe_convention_forward_uses_scale_for_min_size():
-    model = _tiny_model(conventions=TINY.replace(rpn_min_size=8.0), convention=BoxConvention.caffe())
+    conventions = TINY.replace(rpn_min_size=8.0)
+    model = _tiny_model(conventions=conventions, convention=BoxConvention.caffe())
     image = _images()[2]
     few = detect(model, [image], scales=[4.0])[0]  # boxes must be >= 32 px
     many = detect(model, [image], scales=[0.25])[0]  # >= 2 px
