@@ -63,7 +63,8 @@ def build(args: argparse.Namespace):
         weights=None,
         image_size=min(args.height, args.width),
         max_size=max(args.height, args.width),
-        model_kwargs={"post_nms_topk": args.proposals},
+        model_kwargs={},
+        frcnn_set=(f"rpn_post_nms_topk={args.proposals}",),
         box_policy=args.policy,
     )
     return extractor.to(args.device)

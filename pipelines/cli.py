@@ -79,7 +79,9 @@ def extract(
     arch: str = typer.Option(None, help="timm architecture / BERT name (default: the paper's)"),
     model_kwargs: str = typer.Option("{}", help="JSON of extra model config, e.g. tiny models"),
     image_size: int = typer.Option(
-        None, help="input side in pixels (ViT: position embeddings are resampled)"
+        None,
+        help="input side in pixels (ViT: position embeddings are resampled; frcnn: the short "
+        "side, conventions field min_size)",
     ),
     max_length: int = typer.Option(20, help="text tokens incl. [CLS]/[SEP] (LXMERT uses 20)"),
     vocab: str = typer.Option(None, help="WordPiece vocab.txt (default: the model folder's)"),
@@ -95,14 +97,28 @@ def extract(
     progress: bool = typer.Option(True, help="progress bar"),
     seed: int = typer.Option(0, help="seed of random-init weights"),
     box_policy: str = typer.Option(
-        None, help="frcnn: caffe (default; LXMERT's 36) | maxnms | adaptive (10-100)"
+        None,
+        help="frcnn: caffe (LXMERT's 36) | maxnms | adaptive (10-100); default: the conventions'",
     ),
     min_boxes: int = typer.Option(None, help="frcnn: fewest regions (caffe 36, adaptive 10)"),
     max_boxes: int = typer.Option(
         None, help="frcnn: most regions = K stored per image (caffe 36, adaptive 100, maxnms 36)"
     ),
     conf_threshold: float = typer.Option(None, help="frcnn: region confidence (default 0.2)"),
-    max_size: int = typer.Option(None, help="frcnn: cap of the long side (default 1000)"),
+    max_size: int = typer.Option(
+        None, help="frcnn: cap of the long side (default: the conventions', caffe 1000)"
+    ),
+    conventions: str = typer.Option(
+        None,
+        help="frcnn: test-time pipeline to reproduce: caffe (generate_tsv.py, LXMERT's "
+        "features) | hf (the Hugging Face port); default: the checkpoint's (HF folder: hf, "
+        "with its config.yaml; MILVLG .pth, .pkl, random: caffe)",
+    ),
+    frcnn_set: list[str] = typer.Option(
+        [],
+        help="frcnn: override one conventions field, KEY=VALUE (repeatable), e.g. "
+        "rpn_min_size=0 or maxnms_thresholds=0.3,0.5; an unknown KEY lists the fields",
+    ),
     allow_pickle: bool = typer.Option(
         False, help="frcnn: allow reading a .pkl checkpoint (unpickling runs code from the file)"
     ),
@@ -146,6 +162,8 @@ def extract(
             allow_pickle,
             impl,
             str(config) if config else None,
+            conventions,
+            tuple(frcnn_set),
         ),
         ResnetOptions(layer, pool),
     )

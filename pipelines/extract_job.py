@@ -27,10 +27,13 @@ class FrcnnOptions:
     allow_pickle: bool = False
     impl: str | None = None
     config: str | None = None
+    conventions: str | None = None
+    frcnn_set: tuple[str, ...] = ()
 
     def given(self) -> dict[str, object]:
         """The options the user set, by name."""
-        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
+        unset = (None, False, ())
+        return {k: v for k, v in asdict(self).items() if not any(v is u for u in unset)}
 
 
 @dataclass

@@ -3,7 +3,6 @@ box-selection policies and preprocessing. Tiny random-weight models keep it fast
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
 import numpy as np
@@ -20,17 +19,21 @@ from vlpipe.extract.frcnn import (
     detect,
     per_class_max_score,
     preprocess,
-    resize_scale,
+    resize_plan,
     select_boxes,
 )
 from vlpipe.extract.frcnn import boxes as box_ops
+from vlpipe.extract.frcnn.conventions import CAFFE, TINY_SETTINGS
 
 SIZES = [(64, 96), (80, 48), (96, 96), (48, 112), (64, 64), (112, 80), (72, 88), (56, 120)]
 
 
-def _tiny_model(seed: int = 0, **overrides) -> BUTDFasterRCNN:
+TINY = CAFFE.replace(**TINY_SETTINGS)
+
+
+def _tiny_model(seed: int = 0, conventions=TINY, **overrides) -> BUTDFasterRCNN:
     torch.manual_seed(seed)
-    return BUTDFasterRCNN(FrcnnConfig.tiny(**overrides)).eval()
+    return BUTDFasterRCNN(FrcnnConfig.tiny(**overrides), conventions).eval()
 
 
 def _images(seed: int = 1) -> list[torch.Tensor]:
@@ -100,7 +103,7 @@ def test_forward_shapes():
     assert len(dets) == 2
     for det, size in zip(dets, SIZES[:2], strict=True):
         r = len(det)
-        assert 0 < r <= cfg.post_nms_topk
+        assert 0 < r <= model.conventions.rpn_post_nms_topk
         assert det.image_size == size
         assert det.proposals.shape == (r, 4) and det.objectness.shape == (r,)
         assert det.features.shape == (r, cfg.feature_dim)
@@ -142,7 +145,8 @@ def test_res5_chunking_does_not_change_features():
 
 
 def test_caffe_convention_forward_uses_scale_for_min_size():
-    model = _tiny_model(convention=BoxConvention.caffe(), min_proposal_size=8.0)
+    conventions = TINY.replace(rpn_min_size=8.0)
+    model = _tiny_model(conventions=conventions, convention=BoxConvention.caffe())
     image = _images()[2]
     few = detect(model, [image], scales=[4.0])[0]  # boxes must be >= 32 px
     many = detect(model, [image], scales=[0.25])[0]  # >= 2 px
@@ -152,7 +156,7 @@ def test_caffe_convention_forward_uses_scale_for_min_size():
 
 
 def test_image_without_proposals_gives_empty_outputs():
-    model = _tiny_model(min_proposal_size=10_000.0)
+    model = _tiny_model(conventions=TINY.replace(rpn_min_size=10_000.0))
     det = detect(model, [_images()[0]])[0]
     assert len(det) == 0 and det.features.shape == (0, model.config.feature_dim)
     sel = select_boxes(det, scale=1.0, policy="adaptive")
@@ -164,8 +168,7 @@ def test_image_without_proposals_gives_empty_outputs():
 @pytest.mark.slow
 def test_full_size_forward_on_a_small_image():
     torch.manual_seed(0)
-    config = dataclasses.replace(FrcnnConfig(), post_nms_topk=8)
-    model = BUTDFasterRCNN(config).eval()
+    model = BUTDFasterRCNN(FrcnnConfig(), CAFFE.replace(rpn_post_nms_topk=8)).eval()
     det = detect(model, [torch.randn(3, 96, 128) * 60])[0]
     assert 0 < len(det) <= 8
     assert det.features.shape == (len(det), 2048)
@@ -335,15 +338,15 @@ def test_unknown_policy_is_rejected():
 
 
 def test_resize_scale_rule():
-    assert resize_scale(480, 640) == 1.25
-    assert resize_scale(300, 1000) == 1.0  # 2.0 would make the long side 2000
-    assert resize_scale(600, 800) == 1.0
+    assert resize_plan(480, 640).scale == 1.25
+    assert resize_plan(300, 1000).scale == 1.0  # 2.0 would make the long side 2000
+    assert resize_plan(600, 800).scale == 1.0
 
 
 def test_preprocess_bgr_mean_and_size():
     image = Image.new("RGB", (64, 48), (255, 0, 10))
-    tensor, scale = preprocess(image, min_size=96, max_size=200)
-    assert scale == 2.0 and tensor.shape == (3, 96, 128) and tensor.dtype == torch.float32
+    tensor, plan = preprocess(image, CAFFE.replace(min_size=96, max_size=200))
+    assert plan.scale == 2.0 and tensor.shape == (3, 96, 128) and tensor.dtype == torch.float32
     torch.testing.assert_close(
         tensor[:, 40, 60], torch.tensor([10 - 102.9801, 0 - 115.9465, 255 - 122.7717])
     )
@@ -354,6 +357,6 @@ def test_preprocess_resize_is_bilinear_on_pixel_centres():
     # A 2-pixel ramp upsampled x2: half-pixel centres give 0, 0.25, 0.75, 1 of the step.
     ramp = np.zeros((2, 2, 3), dtype=np.uint8)
     ramp[:, 1] = 200
-    tensor, _ = preprocess(Image.fromarray(ramp), min_size=4, max_size=10)
+    tensor, _ = preprocess(Image.fromarray(ramp), CAFFE.replace(min_size=4, max_size=10))
     row = tensor[0, 0] + 102.9801
     torch.testing.assert_close(row, torch.tensor([0.0, 50.0, 150.0, 200.0]), atol=1e-3, rtol=0)

@@ -25,13 +25,13 @@ from vlpipe.extract.frcnn import (
     load_into,
     sha256_file,
 )
+from vlpipe.extract.frcnn.conventions import CAFFE, TINY_SETTINGS
 
 ANCHORS = "proposal_generator.anchor_generator.cell_anchors.0"
 RPN = "proposal_generator.rpn_head."
 PRED = "roi_heads.box_predictor."
-TINY_TEST_SETTINGS = dict(
-    anchor_sizes=(16.0, 32.0), pre_nms_topk=200, post_nms_topk=50, min_proposal_size=2.0
-)
+TINY_TEST_SETTINGS = dict(anchor_sizes=(16.0, 32.0))
+TINY_CONVENTIONS = CAFFE.replace(**TINY_SETTINGS)
 
 
 def hf_layout() -> dict[str, tuple[int, ...]]:
@@ -109,7 +109,7 @@ def _full_meta_model(convention: BoxConvention | None = None) -> BUTDFasterRCNN:
 def _tiny(seed: int, convention: BoxConvention | None = None) -> BUTDFasterRCNN:
     torch.manual_seed(seed)
     config = FrcnnConfig.tiny(convention=convention or BoxConvention.detectron2())
-    return BUTDFasterRCNN(config).eval()
+    return BUTDFasterRCNN(config, TINY_CONVENTIONS).eval()
 
 
 def _with_counters(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -255,7 +255,9 @@ def test_objectness_pairs_become_sigmoid_logits():
 def test_build_from_checkpoint(tmp_path):
     source = _tiny(0)
     torch.save(source.state_dict(), tmp_path / "weights.pt")
-    model = build_from_checkpoint(tmp_path / "weights.pt", **TINY_TEST_SETTINGS)
+    model = build_from_checkpoint(
+        tmp_path / "weights.pt", conventions=TINY_CONVENTIONS, **TINY_TEST_SETTINGS
+    )
     assert not model.training
     assert model.config.stage_blocks == (1, 1, 1) and model.config.num_classes == 7
     image = torch.randn(3, 64, 96) * 60

@@ -82,9 +82,13 @@ def test_frcnn_extraction_writes_regions_in_original_pixels(frcnn_images, tmp_pa
         "conf_threshold": 0.2,
         "nms_threshold": 0.3,
         "boxes": "unregressed proposals",
-        "plus_one": False,
+        "plus_one": True,  # the caffe conventions' per-class NMS counts inclusive pixels
     }
     assert prov["box_convention"]["name"] == "detectron2" and prov["weights"] == "random-init"
+    conventions = prov["conventions"]
+    assert conventions["name"] == "caffe" and conventions["rpn_min_size"] == 2.0  # tiny
+    assert conventions["source"]["chosen_by"] == "checkpoint default"
+    assert prov["model"]["conventions"]["rpn_min_size_unit"] == "original"
     pre = prov["preprocessing"]
     assert pre["pixel_order"] == "BGR" and (pre["min_size"], pre["max_size"]) == (64, 128)
 
@@ -100,8 +104,10 @@ def test_cache_holds_the_models_selection(frcnn_images, tmp_path):
     req.model_kwargs, req.image_size = TINY_FRCNN, 64
     ext = build_from_request(req, seed=3)
     image = load_image(frcnn_images / "img1.png")  # 80 x 64: scale 1.0
-    (det,) = detect(ext.model, [ext.transform(image)], scales=[1.0])
-    sel = select_boxes(det, scale=1.0, policy="caffe")
+    plan = ext.transform.plan(64, 80)
+    assert plan.scale == 1.0
+    (det,) = detect(ext.model, [ext.transform(image)], scales=[plan.scale])
+    sel = select_boxes(det, scale=plan.box_scale, policy="caffe", **ext.policy.options())
     item = FeatureCache(tmp_path / "r.h5")["img1"]
     assert item["image_feats"].shape == (36, 128) and item["image_mask"].sum() == sel.num_boxes
     np.testing.assert_allclose(item["image_feats"], sel.features, atol=1e-5)
@@ -131,10 +137,11 @@ def test_adaptive_policy_pads_to_its_max_boxes(frcnn_images, tmp_path):
 
 def test_box_options_are_checked(frcnn_images, tmp_path):
     result = vlpipe(
-        *frcnn_args(frcnn_images, tmp_path / "m.h5", "--box-policy", "maxnms", "--min-boxes", 5),
+        *frcnn_args(frcnn_images, tmp_path / "m.h5", "--box-policy", "maxnms",
+                    "--conf-threshold", 0.5),
         code=1,
-    )
-    assert "takes no --min-boxes" in result.output
+    )  # fmt: skip
+    assert "takes no --conf-threshold" in result.output
     vit = ["extract", "--backbone", "vit", "--dataset", "folder", "--root", frcnn_images]
     result = vlpipe(*vit, "--out", tmp_path / "v.h5", "--weights", "random", "--box-policy",
                     "caffe", code=1)  # fmt: skip
@@ -171,12 +178,11 @@ def test_pickle_checkpoints_need_allow_pickle(frcnn_images, tmp_path):
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     pkl = tmp_path / "faster_rcnn_attr.pkl"
     pkl.write_bytes(pickle.dumps({"model": state}))
-    # sizes come from the weights; the tiny model's test-time settings are not in them
-    settings = (
-        '{"anchor_sizes": [16, 32], "pre_nms_topk": 200, "post_nms_topk": 50, '
-        '"min_proposal_size": 2}'
-    )
-    args = frcnn_args(frcnn_images, tmp_path / "p.h5", "--weights", pkl, "--model-kwargs", settings)
+    # sizes come from the weights; the tiny model's anchors and test-time settings are not
+    settings = ["--model-kwargs", '{"anchor_sizes": [16, 32]}']
+    for item in ("rpn_pre_nms_topk=200", "rpn_post_nms_topk=50", "rpn_min_size=2"):
+        settings += ["--frcnn-set", item]
+    args = frcnn_args(frcnn_images, tmp_path / "p.h5", "--weights", pkl, *settings)
     result = vlpipe(*args, code=1)
     assert "--allow-pickle" in result.output and "runs code" in result.output
     assert not (tmp_path / "p.h5").exists()

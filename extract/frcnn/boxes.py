@@ -1,4 +1,9 @@
-"""Box arithmetic under the two conventions: cell anchors, delta decoding, clipping, NMS.
+"""Box arithmetic: cell anchors, delta decoding, clipping, the small-box filter, NMS.
+
+`plus_one` everywhere means Caffe's inclusive-pixel arithmetic (a box from x1 to x2 is
+x2 - x1 + 1 pixels wide). Which call gets it is decided by the checkpoint's `BoxConvention`
+(anchors, decoding: how the weights were trained) or by the `FrcnnConventions` set (clipping,
+filter, NMS: which test-time pipeline is reproduced).
 
 All boxes are absolute (x1, y1, x2, y2) float tensors of shape (N, 4).
 """
@@ -14,7 +19,8 @@ from torchvision.ops import batched_nms, nms
 
 from .config import BoxConvention
 
-# Keeps exp() finite: no delta may grow a box more than a 16 px anchor growing to 1000 px.
+# detectron2 / HF keep exp() finite: no delta may grow a box more than a 16 px anchor growing
+# to 1000 px. Caffe's bbox_transform_inv has no cap (conventions.delta_clamp None).
 SCALE_CLAMP = math.log(1000.0 / 16)
 
 
@@ -79,9 +85,15 @@ def grid_anchors(cell: Tensor, height: int, width: int, stride: int) -> Tensor:
 
 
 def decode(
-    deltas: Tensor, boxes: Tensor, weights: Sequence[float], *, plus_one: bool = False
+    deltas: Tensor,
+    boxes: Tensor,
+    weights: Sequence[float],
+    *,
+    plus_one: bool = False,
+    clamp: float | None = SCALE_CLAMP,
 ) -> Tensor:
-    """Apply (N, k * 4) deltas (dx, dy, dw, dh per box) to (N, 4) boxes -> (N, k * 4)."""
+    """Apply (N, k * 4) deltas (dx, dy, dw, dh per box) to (N, 4) boxes -> (N, k * 4);
+    dw, dh capped at `clamp` (None: no cap)."""
     one = 1.0 if plus_one else 0.0
     boxes = boxes.to(deltas.dtype)
     widths = (boxes[:, 2] - boxes[:, 0] + one)[:, None]
@@ -90,8 +102,9 @@ def decode(
     ctr_y = boxes[:, 1:2] + 0.5 * heights
     wx, wy, ww, wh = weights
     dx, dy = deltas[:, 0::4] / wx, deltas[:, 1::4] / wy
-    dw = (deltas[:, 2::4] / ww).clamp(max=SCALE_CLAMP)
-    dh = (deltas[:, 3::4] / wh).clamp(max=SCALE_CLAMP)
+    dw, dh = deltas[:, 2::4] / ww, deltas[:, 3::4] / wh
+    if clamp is not None:
+        dw, dh = dw.clamp(max=clamp), dh.clamp(max=clamp)
     cx, cy = dx * widths + ctr_x, dy * heights + ctr_y
     half_w, half_h = 0.5 * torch.exp(dw) * widths, 0.5 * torch.exp(dh) * heights
     out = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
@@ -107,7 +120,8 @@ def clip(boxes: Tensor, height: int, width: int, *, plus_one: bool = False) -> T
 
 
 def large_enough(boxes: Tensor, min_size: float, *, plus_one: bool = False) -> Tensor:
-    """Mask (N,) of boxes whose both sides pass `min_size` (Caffe: w + 1 >= m, d2: w > m)."""
+    """Mask (N,) of boxes whose both sides pass `min_size`: Caffe w + 1 >= m
+    (proposal_layer.py:180-184), detectron2 / HF w > m (modeling_frcnn.py:152-156)."""
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     if plus_one:
         return (widths + 1 >= min_size) & (heights + 1 >= min_size)

@@ -1,7 +1,9 @@
-"""Configuration of the bottom-up-attention (BUTD) Faster R-CNN.
+"""Configuration of the bottom-up-attention (BUTD) Faster R-CNN: what a checkpoint fixes.
 
 Two dataclasses: `BoxConvention` (how a checkpoint was trained to read anchors and box deltas;
-it travels with the weights) and `FrcnnConfig` (the architecture and test-time settings).
+it travels with the weights) and `FrcnnConfig` (the architecture). Which test-time pipeline is
+reproduced (resize, proposal filter, NMS, box policy, ...) is a separate, user-chosen
+`FrcnnConventions` set (conventions.py).
 
 Whatever the source checkpoint, the converters in `convert.py` bring the class layouts to one
 runtime layout: background is the LAST of the `num_classes + 1` class scores and "no attribute"
@@ -19,16 +21,18 @@ ConventionName = Literal["detectron2", "caffe"]
 
 @dataclass(frozen=True)
 class BoxConvention:
-    """Box geometry a checkpoint was trained with.
+    """Box geometry a checkpoint was trained with (what its deltas and anchor channels mean).
 
     detectron2 (py-bottom-up-attention, HF `unc-nlp/frcnn-vg-finetuned`): anchors size-major,
-    centred on 0, not rounded; widths are `x2 - x1`; box-head deltas weighted (10, 10, 5, 5);
-    RPN top-k before clipping; minimum proposal side in network-input pixels, strict `>`.
+    centred on 0, not rounded; decoded widths are `x2 - x1`; box-head deltas weighted
+    (10, 10, 5, 5).
 
     caffe (original BUTD, MILVLG): anchors ratio-major, rounded, centred at (stride - 1) / 2 =
-    7.5; widths are `x2 - x1 + 1`; deltas unweighted (1, 1, 1, 1); clip to `size - 1`; small
-    boxes removed before the top-k; minimum side given in original-image pixels (multiplied by
-    the resize scale), `>=`; NMS IoU with "+1" areas.
+    7.5; decoded widths are `x2 - x1 + 1` (`plus_one`, BUTD bbox_transform.py:35-36); deltas
+    unweighted (1, 1, 1, 1).
+
+    Test-time rules (clipping, proposal filter, NMS areas) are not here: they belong to the
+    pipeline being reproduced, `FrcnnConventions`.
     """
 
     name: ConventionName = "detectron2"
@@ -37,8 +41,6 @@ class BoxConvention:
     plus_one: bool = False
     box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     rpn_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    filter_small_before_topk: bool = False
-    min_size_in_original_pixels: bool = False
 
     @classmethod
     def detectron2(cls) -> BoxConvention:
@@ -52,8 +54,6 @@ class BoxConvention:
             anchors_caffe_rounded=True,
             plus_one=True,
             box_weights=(1.0, 1.0, 1.0, 1.0),
-            filter_small_before_topk=True,
-            min_size_in_original_pixels=True,
         )
 
     @classmethod
@@ -67,7 +67,7 @@ class BoxConvention:
 
 @dataclass(frozen=True)
 class FrcnnConfig:
-    """ResNet-101 C4 BUTD detector: architecture and test-time proposal settings.
+    """ResNet-101 C4 BUTD detector: the architecture and the box geometry it was trained with.
 
     Channel widths follow ResNet: res2 outputs `res2_channels`, each later stage doubles it, the
     bottleneck width starts at `bottleneck_channels` and doubles too; res4 (1024 at full size)
@@ -88,10 +88,6 @@ class FrcnnConfig:
     anchor_sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     stride: int = 16
-    pre_nms_topk: int = 6000
-    post_nms_topk: int = 300
-    rpn_nms_threshold: float = 0.7
-    min_proposal_size: float = 16.0
     pooler_resolution: int = 14
     roi_chunk_size: int = 512  # RoIs per res5 call: bounds memory, results do not depend on it
     convention: BoxConvention = field(default_factory=BoxConvention.detectron2)
@@ -118,7 +114,8 @@ class FrcnnConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> FrcnnConfig:
-        """A few-channel model for tests: a 64x96 forward takes milliseconds on a CPU."""
+        """A few-channel model for tests: a 64x96 forward takes milliseconds on a CPU (pair it
+        with `conventions.TINY_SETTINGS`: fewer proposals, a 2 px minimum size)."""
         settings = dict(
             stage_blocks=(1, 1, 1),
             res5_blocks=1,
@@ -131,9 +128,6 @@ class FrcnnConfig:
             class_embed_dim=8,
             attr_hidden_dim=16,
             anchor_sizes=(16.0, 32.0),
-            pre_nms_topk=200,
-            post_nms_topk=50,
-            min_proposal_size=2.0,
         )
         settings.update(overrides)
         return cls(**settings)

@@ -14,7 +14,10 @@
   BatchNorm `num_batches_tracked` dropped (the stats become frozen-norm buffers as they are).
   "+1" widths, (1, 1, 1, 1) weights and Caffe anchors are carried by the returned convention.
 
-Every loader returns `(state_dict, BoxConvention)`; `load_into` checks names and shapes.
+Every loader returns `(state_dict, BoxConvention)`; `load_into` checks names and shapes. An HF
+folder's config.yaml is read (yaml.safe_load) for the delta weights it states; its test-time
+values are the `hf` conventions' business (conventions.py). `default_conventions` names the
+test-time set each kind of checkpoint defaults to.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from .config import BoxConvention, FrcnnConfig
+from .conventions import (
+    FrcnnConventions,
+    hf_config_box_weights,
+    read_hf_config,
+    resolve_conventions,
+)
 
 ANCHOR_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
 _PREDICTOR = "roi_heads.box_predictor."
@@ -40,6 +50,7 @@ _CAFFE_RENAMES = {
     "attr_linear2.": "attr_score.",
 }
 HF_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+HF_CONFIG_FILE = "config.yaml"
 
 StateDict = dict[str, Tensor]
 
@@ -202,8 +213,15 @@ def _unwrap(obj: object, path: Path) -> Mapping[str, object]:
     return obj
 
 
+def hf_config_file(path: str | Path) -> Path | None:
+    """The config.yaml of an HF model folder, if `path` is one and has it."""
+    candidate = Path(path) / HF_CONFIG_FILE
+    return candidate if Path(path).is_dir() and candidate.is_file() else None
+
+
 def load_hf_folder(path: str | Path) -> tuple[StateDict, BoxConvention]:
-    """`unc-nlp/frcnn-vg-finetuned`-style folder (pytorch_model.bin or model.safetensors)."""
+    """`unc-nlp/frcnn-vg-finetuned`-style folder (pytorch_model.bin or model.safetensors, and
+    config.yaml, whose ROI_BOX_HEAD / RPN BBOX_REG_WEIGHTS are honoured when present)."""
     file = weights_file(path)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -211,7 +229,11 @@ def load_hf_folder(path: str | Path) -> tuple[StateDict, BoxConvention]:
         raw = load_file(str(file))
     else:
         raw = torch.load(file, map_location="cpu", weights_only=True)
-    return convert_detectron2_state_dict(_unwrap(raw, file)), BoxConvention.detectron2()
+    convention = BoxConvention.detectron2()
+    config = hf_config_file(path)
+    if config is not None:
+        convention = replace(convention, **hf_config_box_weights(read_hf_config(config)))
+    return convert_detectron2_state_dict(_unwrap(raw, file)), convention
 
 
 def load_detectron2_pickle(path: str | Path) -> tuple[StateDict, BoxConvention]:
@@ -252,14 +274,60 @@ def load_checkpoint(
     return load_torch_file(path)
 
 
-def build_from_checkpoint(
-    path: str | Path, *, allow_pickle: bool = False, **overrides
+def default_conventions(path: str | Path, convention: BoxConvention) -> str:
+    """The test-time set a checkpoint defaults to: `hf` for a Hugging Face folder or an
+    HF-layout file (the port is where they come from), `caffe` for the Caffe-trained MILVLG
+    .pth and the py-bottom-up-attention .pkl (converted from the Caffe model whose
+    generate_tsv.py features LXMERT used)."""
+    path = Path(path)
+    if convention.name == "caffe" or path.suffix == ".pkl":
+        return "caffe"
+    return "hf"
+
+
+def checkpoint_conventions(
+    path: str | Path, convention: BoxConvention, name: str | None = None, **resolve_options
+) -> tuple[FrcnnConventions, dict]:
+    """Resolve the test-time set for a checkpoint: `name` or its default, the folder's
+    config.yaml applied when the set is `hf` (see `resolve_conventions`)."""
+    config = hf_config_file(path)
+    return resolve_conventions(
+        name,
+        default=default_conventions(path, convention),
+        hf_config=read_hf_config(config) if config is not None else None,
+        hf_config_path=str(config) if config is not None else None,
+        **resolve_options,
+    )
+
+
+def model_from_state_dict(
+    state_dict: StateDict,
+    convention: BoxConvention,
+    conventions: FrcnnConventions,
+    *,
+    source: str = "state dict",
+    **overrides,
 ) -> nn.Module:
-    """Load `path`, build a matching `BUTDFasterRCNN` (sizes from the shapes, `overrides` for
-    test-time settings), fill it and switch it to eval mode."""
+    """A `BUTDFasterRCNN` sized from the shapes (`overrides` for config fields), filled with
+    `state_dict`, in eval mode."""
     from .model import BUTDFasterRCNN
 
-    state_dict, convention = load_checkpoint(path, allow_pickle=allow_pickle)
-    model = BUTDFasterRCNN(config_from_state_dict(state_dict, convention, **overrides))
-    load_into(model, state_dict, source=str(path))
+    model = BUTDFasterRCNN(config_from_state_dict(state_dict, convention, **overrides), conventions)
+    load_into(model, state_dict, source=source)
     return model.eval()
+
+
+def build_from_checkpoint(
+    path: str | Path,
+    *,
+    allow_pickle: bool = False,
+    conventions: FrcnnConventions | None = None,
+    **overrides,
+) -> nn.Module:
+    """Load `path`, build a matching `BUTDFasterRCNN` (sizes from the shapes, `overrides` for
+    config fields such as anchor_sizes), fill it and switch it to eval mode. `conventions`:
+    the test-time set (default: the checkpoint's, with an HF folder's config.yaml)."""
+    state_dict, convention = load_checkpoint(path, allow_pickle=allow_pickle)
+    if conventions is None:
+        conventions, _ = checkpoint_conventions(path, convention)
+    return model_from_state_dict(state_dict, convention, conventions, source=str(path), **overrides)

@@ -22,7 +22,6 @@ from vlpipe.weights import WeightsError
 from .config import BoxConvention
 from .extractor import FrcnnExtractor
 from .model import Detections
-from .preprocess import PIXEL_MEAN_BGR
 
 INSTALL_HELP = (
     "--impl detectron2 needs the `detectron2` package, which is not on PyPI and is not "
@@ -45,7 +44,7 @@ def require_detectron2() -> None:
         raise BackendUnavailable(INSTALL_HELP) from err
 
 
-def build_detectron2(config, weights, transform, policy, *, allow_pickle: bool):
+def build_detectron2(config, weights, transform, policy, source=None, *, allow_pickle: bool):
     """A `FrcnnExtractor` whose detections come from the detectron2 model of `config`."""
     require_detectron2()
     if config is None:
@@ -65,6 +64,7 @@ def build_detectron2(config, weights, transform, policy, *, allow_pickle: bool):
         policy,
         BoxConvention.detectron2(),
         int(cfg.MODEL.RESNETS.RES2_OUT_CHANNELS) * 8,
+        source,
         pixel_format=str(cfg.INPUT.FORMAT),
     )
 
@@ -105,10 +105,13 @@ class Detectron2Extractor(FrcnnExtractor):
 
     @torch.inference_mode()
     def detect(self, images: list[Tensor], scales: list[float]) -> list[Detections]:
-        mean = torch.tensor(PIXEL_MEAN_BGR, device=images[0].device).view(3, 1, 1)
-        # vlpipe's transform subtracted the BGR mean; detectron2 subtracts its own inside.
-        raw = [img + mean for img in images]
-        if self.pixel_format == "RGB":
+        c = self.conventions
+        mean = torch.tensor(c.pixel_mean, device=images[0].device).view(3, 1, 1)
+        std = torch.tensor(c.pixel_std, device=images[0].device).view(3, 1, 1)
+        # vlpipe's transform normalised with the conventions' mean / std; detectron2 does its
+        # own inside, on pixels in its INPUT.FORMAT order.
+        raw = [img * std + mean for img in images]
+        if self.pixel_format != c.pixel_order:
             raw = [img.flip(0) for img in raw]
         return [_detections(self.model, img) for img in raw]
 

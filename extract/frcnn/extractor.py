@@ -1,19 +1,24 @@
 """`--backbone frcnn`: BUTD Faster R-CNN region features for the extraction loop.
 
-Per image: preprocess (BGR, mean-subtracted, short side 600 / long side <= 1000) in a DataLoader
-worker; on the device, `detect` then one box-selection policy; the kept regions become a
-`regions` cache row padded to K = max boxes (`image_mask` marks the real ones). Boxes are stored
-in ORIGINAL image pixels, which is why the loop hands `encode` each image's original (h, w).
+Per image: preprocess in a DataLoader worker; on the device, `detect` then one box-selection
+policy; the kept regions become a `regions` cache row padded to K = max boxes (`image_mask`
+marks the real ones). Boxes are stored in ORIGINAL image pixels, which is why the loop hands
+`encode` each image's original (h, w).
 
-Weights: `--weights random` builds `FrcnnConfig(**model_kwargs)` (`{"tiny": true, ...}` gives the
-few-channel test model); a path goes through the checkpoint converters, whose box convention
-travels with the weights and into the cache's provenance. A `.pkl` (py-bottom-up-attention) is
-only unpickled with `allow_pickle=True` (`--allow-pickle`), since unpickling runs code.
+Two settings decide the regions, and both are recorded in the cache's provenance:
+- the checkpoint: `--weights random` builds `FrcnnConfig(**model_kwargs)` (`{"tiny": true, ...}`
+  gives the few-channel test model); a path goes through the converters, whose box convention
+  (trained geometry) travels with the weights. A `.pkl` (py-bottom-up-attention) is only
+  unpickled with `allow_pickle=True` (`--allow-pickle`), since unpickling runs code.
+- the test-time conventions (`--conventions caffe|hf`, `--frcnn-set key=value`): which
+  reference pipeline's rules to reproduce; the default comes from the checkpoint
+  (`default_conventions`; random weights: caffe), an HF folder's config.yaml is honoured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,46 +30,65 @@ from vlpipe.extract.base import Extractor
 from vlpipe.weights import WeightsError, resolve_weights_file
 
 from .config import BoxConvention, FrcnnConfig
-from .convert import build_from_checkpoint
+from .conventions import (
+    CAFFE,
+    TINY_SETTINGS,
+    FrcnnConventions,
+    parse_overrides,
+    resolve_conventions,
+)
+from .convert import checkpoint_conventions, load_checkpoint, model_from_state_dict
 from .model import BUTDFasterRCNN, detect
-from .preprocess import PIXEL_MEAN_BGR, preprocess, resize_scale
-from .select import MAXNMS_THRESHOLDS, BoxSelection, select_boxes
+from .preprocess import ResizePlan, preprocess, resize_plan
+from .select import BoxSelection, select_boxes
 
 DEFAULT_ARCH = "butd-frcnn-r101-c4"
-# What each policy does when --min-boxes / --max-boxes / --conf-threshold are not given.
+# What a policy does when --min-boxes / --max-boxes / --conf-threshold are not given and it is
+# not the conventions' own policy (whose min_boxes / max_boxes come from the conventions).
 POLICY_DEFAULTS: dict[str, dict[str, Any]] = {
     "caffe": {"conf_threshold": 0.2, "min_boxes": 36, "max_boxes": 36},
     "adaptive": {"conf_threshold": 0.2, "min_boxes": 10, "max_boxes": 100},
-    "maxnms": {"max_boxes": 36},
+    "maxnms": {"min_boxes": 36, "max_boxes": 36},
 }
-NMS_THRESHOLD = 0.3  # the per-class NMS of the caffe / adaptive rule (generate_tsv.py)
+# FrcnnConfig fields that became test-time conventions
+MOVED_TO_CONVENTIONS = {
+    "pre_nms_topk": "rpn_pre_nms_topk",
+    "post_nms_topk": "rpn_post_nms_topk",
+    "rpn_nms_threshold": "rpn_nms_threshold",
+    "min_proposal_size": "rpn_min_size",
+}
 
 
 @dataclass(frozen=True)
 class FrcnnTransform:
-    """PIL image -> (3, H', W') float32 BGR mean-subtracted tensor; picklable for workers.
+    """PIL image -> (3, H', W') float32 network input under `conventions`; picklable.
 
-    The resize scale is a pure function of the original size, so `encode` recomputes it from
+    The resize plan is a pure function of the original size, so `encode` recomputes it from
     the (h, w) the loop passes instead of shipping it through the DataLoader."""
 
-    min_size: int = 600
-    max_size: int = 1000
+    conventions: FrcnnConventions = CAFFE
 
     def __call__(self, image: Image.Image) -> Tensor:
-        return preprocess(image, self.min_size, self.max_size)[0]
+        return preprocess(image, self.conventions)[0]
+
+    def plan(self, height: int, width: int) -> ResizePlan:
+        return resize_plan(height, width, self.conventions)
 
     def scale(self, height: int, width: int) -> float:
-        return resize_scale(height, width, min_size=self.min_size, max_size=self.max_size)
+        return self.plan(height, width).scale
 
     def record(self) -> dict[str, Any]:
+        c = self.conventions
+        grid = {"scale": "exact scale on both axes (cv2.resize fx=fy)", "size": "per-axis ratio"}
         return {
-            "pixel_order": "BGR",
-            "mean": list(PIXEL_MEAN_BGR),
-            "std": 1.0,
-            "min_size": self.min_size,
-            "max_size": self.max_size,
-            "resize": "bilinear on float pixels after mean subtraction, no antialias, "
-            "align_corners=False (cv2 INTER_LINEAR); output side round(side * scale)",
+            "pixel_order": c.pixel_order,
+            "mean": list(c.pixel_mean),
+            "std": list(c.pixel_std),
+            "min_size": c.min_size,
+            "max_size": c.max_size,
+            "resize": f"bilinear on float pixels after mean subtraction, no antialias, pixel "
+            f"centres; grid {grid[c.resize_grid]}; cap {c.resize_cap}; sides rounded "
+            f"{c.size_rounding}",
         }
 
 
@@ -76,16 +100,21 @@ class BoxPolicy:
     max_boxes: int
     min_boxes: int | None = None
     conf_threshold: float | None = None
+    nms_threshold: float | None = None  # caffe / adaptive: per-class NMS
+    thresholds: tuple[float, ...] | None = None  # maxnms: tried in turn
+    plus_one: bool = False
 
     @classmethod
     def build(
         cls,
-        name: str,
+        name: str | None,
         *,
         min_boxes: int | None = None,
         max_boxes: int | None = None,
         conf_threshold: float | None = None,
+        conventions: FrcnnConventions = CAFFE,
     ) -> BoxPolicy:
+        name = name or conventions.box_policy
         if name not in POLICY_DEFAULTS:
             raise ValueError(
                 f"unknown box policy {name!r}; expected one of {list(POLICY_DEFAULTS)}"
@@ -95,14 +124,21 @@ class BoxPolicy:
         unused = sorted(set(given) - set(POLICY_DEFAULTS[name]))
         if unused:
             flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-            raise ValueError(f"box policy {name!r} takes no {flags} (maxnms keeps --max-boxes)")
-        values = {**POLICY_DEFAULTS[name], **given}
+            raise ValueError(f"box policy {name!r} takes no {flags}")
+        defaults = dict(POLICY_DEFAULTS[name])
+        if name == conventions.box_policy:  # the reference's own counts (HF: MIN/MAX_DETECTIONS)
+            defaults.update(min_boxes=conventions.min_boxes, max_boxes=conventions.max_boxes)
+        values = {**defaults, **given}
         # one bound given: move the other default so they stay ordered (--max-boxes 12 -> 12..12)
-        if "min_boxes" in values and "min_boxes" not in given:
+        if "min_boxes" not in given:
             values["min_boxes"] = min(values["min_boxes"], values["max_boxes"])
         if "min_boxes" in given and "max_boxes" not in given:
             values["max_boxes"] = max(values["max_boxes"], values["min_boxes"])
-        policy = cls(name, **values)
+        if name == "maxnms":
+            values.update(thresholds=conventions.maxnms_thresholds)
+        else:
+            values.update(nms_threshold=conventions.class_nms_threshold)
+        policy = cls(name, plus_one=conventions.class_nms_plus_one, **values)
         policy.check()
         return policy
 
@@ -113,24 +149,29 @@ class BoxPolicy:
         if self.conf_threshold is not None and not 0.0 <= self.conf_threshold <= 1.0:
             raise ValueError(f"--conf-threshold must be in [0, 1], got {self.conf_threshold}")
 
-    def options(self, plus_one: bool) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
         """Keyword arguments of `select_boxes` for this policy."""
         if self.name == "maxnms":
-            return {"num_boxes": self.max_boxes, "plus_one": plus_one}
+            return {
+                "num_boxes": self.max_boxes,
+                "min_boxes": self.min_boxes,
+                "thresholds": self.thresholds,
+                "plus_one": self.plus_one,
+            }
         return {
             "conf_threshold": self.conf_threshold,
             "min_boxes": self.min_boxes,
             "max_boxes": self.max_boxes,
-            "plus_one": plus_one,
+            "nms_threshold": self.nms_threshold,
+            "plus_one": self.plus_one,
         }
 
-    def record(self, plus_one: bool) -> dict[str, Any]:
-        if self.name == "maxnms":
-            extra = {"thresholds": list(MAXNMS_THRESHOLDS), "boxes": "regressed, best class"}
-        else:
-            extra = {"nms_threshold": NMS_THRESHOLD, "boxes": "unregressed proposals"}
+    def record(self) -> dict[str, Any]:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return {**fields, **extra, "plus_one": plus_one}
+        if "thresholds" in fields:
+            fields["thresholds"] = list(fields["thresholds"])
+        boxes = "regressed, best class" if self.name == "maxnms" else "unregressed proposals"
+        return {**fields, "boxes": boxes}
 
 
 class FrcnnExtractor(Extractor):
@@ -149,10 +190,16 @@ class FrcnnExtractor(Extractor):
         policy: BoxPolicy,
         convention: BoxConvention,
         feature_dim: int,
+        conventions_source: dict[str, Any] | None = None,
     ):
         super().__init__(model, weights, model_record)
         self.transform, self.policy = transform, policy
         self.convention, self.feature_dim = convention, feature_dim
+        self.conventions_source = conventions_source or {}
+
+    @property
+    def conventions(self) -> FrcnnConventions:
+        return self.transform.conventions
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         k = self.policy.max_boxes
@@ -171,11 +218,12 @@ class FrcnnExtractor(Extractor):
     def encode(self, pixels: list[Tensor], hw: list[tuple[int, int]]) -> dict[str, Tensor]:
         """pixels: B tensors (3, H_i, W_i) from `transform`; hw: original (h, w) of each ->
         image_feats B,K,D, image_boxes B,K,4 (original pixels), image_mask B,K and labels B,K."""
-        scales = [self.transform.scale(h, w) for h, w in hw]
-        options = self.policy.options(self.convention.plus_one)
+        plans = [self.transform.plan(h, w) for h, w in hw]
+        detections = self.detect(pixels, [plan.scale for plan in plans])
+        options = self.policy.options()
         rows = [
-            select_boxes(det, scale=scale, policy=self.policy.name, **options)
-            for det, scale in zip(self.detect(pixels, scales), scales, strict=True)
+            select_boxes(det, scale=plan.box_scale, policy=self.policy.name, **options)
+            for det, plan in zip(detections, plans, strict=True)
         ]
         return _stack(rows, hw)
 
@@ -183,11 +231,11 @@ class FrcnnExtractor(Extractor):
         return self.transform.record()
 
     def provenance(self) -> dict[str, Any]:
-        plus_one = self.convention.plus_one
         return {
             **super().provenance(),
-            "box_policy": self.policy.record(plus_one),
+            "box_policy": self.policy.record(),
             "box_convention": dataclasses.asdict(self.convention),
+            "conventions": {**self.conventions.record(), "source": self.conventions_source},
             "impl": self.model_record.get("impl", "native"),
         }
 
@@ -197,8 +245,8 @@ def _stack(rows: list[BoxSelection], hw: list[tuple[int, int]]) -> dict[str, Ten
     device = rows[0].features.device
     counts = torch.tensor([r.num_boxes for r in rows], device=device)
     boxes = torch.stack([r.boxes for r in rows])
-    # A detectron2-convention box may end up to half a (resized) pixel past the border after
-    # dividing by the scale, because the resized side is rounded: clamp to the original image.
+    # A box clipped to the resized size may end up to half an original pixel past the border
+    # after mapping back, because the resized side is rounded: clamp to the original image.
     limits = torch.tensor([[w, h, w, h] for h, w in hw], dtype=boxes.dtype, device=device)
     boxes = torch.minimum(boxes.clamp(min=0), limits[:, None, :])
     return {
@@ -215,6 +263,19 @@ def _stack(rows: list[BoxSelection], hw: list[tuple[int, int]]) -> dict[str, Ten
 # ---- construction -----------------------------------------------------------------------------
 
 
+def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    moved = sorted(set(kwargs) & set(MOVED_TO_CONVENTIONS))
+    if moved:
+        hint = ", ".join(f"--frcnn-set {MOVED_TO_CONVENTIONS[k]}=..." for k in moved)
+        raise ValueError(f"--model-kwargs {moved}: test-time settings now go through {hint}")
+    known = {f.name for f in dataclasses.fields(FrcnnConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(
+            f"--model-kwargs: unknown FrcnnConfig fields {unknown}; known: {sorted(known)}"
+        )
+
+
 def config_from_kwargs(model_kwargs: dict[str, Any]) -> FrcnnConfig:
     """`--model-kwargs` JSON -> FrcnnConfig: field overrides, `"tiny": true` for the test-size
     model, `"convention": "caffe"` for a box convention by name; JSON lists become tuples."""
@@ -222,22 +283,44 @@ def config_from_kwargs(model_kwargs: dict[str, Any]) -> FrcnnConfig:
     tiny = bool(kwargs.pop("tiny", False))
     if isinstance(kwargs.get("convention"), str):
         kwargs["convention"] = BoxConvention.named(kwargs["convention"])
-    known = {f.name for f in dataclasses.fields(FrcnnConfig)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ValueError(
-            f"--model-kwargs: unknown FrcnnConfig fields {unknown}; known: {sorted(known)}"
-        )
+    _check_model_kwargs(kwargs)
     return FrcnnConfig.tiny(**kwargs) if tiny else FrcnnConfig(**kwargs)
 
 
+def _user_overrides(
+    frcnn_set: Sequence[str], image_size: int | None, max_size: int | None
+) -> dict[str, Any]:
+    overrides = parse_overrides(frcnn_set)
+    for flag, key, value in (("--image-size", "min_size", image_size),
+                             ("--max-size", "max_size", max_size)):  # fmt: skip
+        if value is None:
+            continue
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"{flag} {value} and --frcnn-set {key}={overrides[key]} disagree")
+        overrides[key] = value
+    return overrides
+
+
 def load_model(
-    weights: str | None, model_kwargs: dict[str, Any], *, allow_pickle: bool
-) -> BUTDFasterRCNN:
+    weights: str | None,
+    model_kwargs: dict[str, Any],
+    *,
+    allow_pickle: bool,
+    conventions: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[BUTDFasterRCNN, dict[str, Any]]:
     """Random init from the config, or a converted checkpoint (`model_kwargs` then overrides
-    test-time settings such as post_nms_topk; architecture sizes come from the weights)."""
+    config fields such as anchor_sizes; architecture sizes come from the weights), built with
+    the resolved test-time conventions -> (model, the conventions' provenance source)."""
     if weights is None:
-        return BUTDFasterRCNN(config_from_kwargs(model_kwargs)).eval()
+        tiny = bool(model_kwargs.get("tiny"))
+        resolved, source = resolve_conventions(
+            conventions,
+            default="caffe",
+            base_overrides=TINY_SETTINGS if tiny else None,
+            overrides=overrides,
+        )
+        return BUTDFasterRCNN(config_from_kwargs(model_kwargs), resolved).eval(), source
     if model_kwargs.get("tiny"):
         raise ValueError("--model-kwargs 'tiny' builds a random test model; drop it with --weights")
     file = resolve_weights_file(weights)  # a clear error before anything is read
@@ -247,17 +330,25 @@ def load_model(
             ".pkl only when you pass --allow-pickle. Pass it if you trust this file (e.g. "
             "py-bottom-up-attention's faster_rcnn_from_caffe_attr.pkl)."
         )
-    overrides = dict(model_kwargs)
-    if isinstance(overrides.get("convention"), str):
+    config_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
+    if isinstance(config_overrides.get("convention"), str):
         raise ValueError("the box convention comes with the checkpoint; drop 'convention'")
-    return build_from_checkpoint(weights, allow_pickle=allow_pickle, **overrides)
+    _check_model_kwargs(config_overrides)
+    state_dict, convention = load_checkpoint(weights, allow_pickle=allow_pickle)
+    resolved, source = checkpoint_conventions(weights, convention, conventions, overrides=overrides)
+    model = model_from_state_dict(
+        state_dict, convention, resolved, source=str(weights), **config_overrides
+    )
+    return model, source
 
 
 def model_record(model: BUTDFasterRCNN, arch: str, impl: str = "native") -> dict[str, Any]:
+    # the conventions belong to the model as run: a resume compares "model" and so them too
     return {
         "arch": arch,
         "impl": impl,
         "config": dataclasses.asdict(model.config),
+        "conventions": model.conventions.record(),
         "num_params": sum(p.numel() for p in model.parameters()),
     }
 
@@ -277,38 +368,52 @@ def build_frcnn(
     max_size: int | None = None,
     impl: str | None = None,
     config: str | None = None,
+    conventions: str | None = None,
+    frcnn_set: Sequence[str] = (),
     **_,
 ) -> FrcnnExtractor:
-    """The registry's builder. Unset box options take the policy's defaults (caffe: 36 to 36
-    boxes at confidence 0.2; adaptive: 10 to 100; maxnms: 36)."""
-    policy = BoxPolicy.build(
-        box_policy or "caffe",
-        min_boxes=min_boxes,
-        max_boxes=max_boxes,
-        conf_threshold=conf_threshold,
-    )
-    transform = FrcnnTransform(min_size=image_size or 600, max_size=max_size or 1000)
-    if transform.min_size > transform.max_size:
-        raise ValueError(
-            f"--image-size {transform.min_size} exceeds --max-size {transform.max_size}"
-        )
+    """The registry's builder. Unset box options take the conventions' policy and counts
+    (caffe: the caffe rule, 36 to 36 boxes at confidence 0.2; hf: maxnms with the config's
+    MIN/MAX_DETECTIONS); another policy takes its own defaults (adaptive: 10 to 100)."""
+    overrides = _user_overrides(frcnn_set, image_size, max_size)
     impl = impl or "native"
     if impl == "detectron2":
         from .d2_backend import build_detectron2
 
-        return build_detectron2(config, weights, transform, policy, allow_pickle=allow_pickle)
+        resolved, source = resolve_conventions(conventions, default="caffe", overrides=overrides)
+        policy = _policy(box_policy, min_boxes, max_boxes, conf_threshold, resolved)
+        return build_detectron2(
+            config, weights, FrcnnTransform(resolved), policy, source, allow_pickle=allow_pickle
+        )
     if impl != "native":
         raise ValueError(f"unknown --impl {impl!r}; expected native or detectron2")
     if config is not None:
         raise ValueError("--config is a detectron2 config file: it needs --impl detectron2")
-    model = load_model(weights, model_kwargs, allow_pickle=allow_pickle)
-    record = model_record(model, arch or DEFAULT_ARCH)
+    model, source = load_model(
+        weights,
+        model_kwargs,
+        allow_pickle=allow_pickle,
+        conventions=conventions,
+        overrides=overrides,
+    )
+    policy = _policy(box_policy, min_boxes, max_boxes, conf_threshold, model.conventions)
     return FrcnnExtractor(
         model,
         weights,
-        record,
-        transform,
+        model_record(model, arch or DEFAULT_ARCH),
+        FrcnnTransform(model.conventions),
         policy,
         model.config.convention,
         model.config.feature_dim,
+        source,
+    )
+
+
+def _policy(name, min_boxes, max_boxes, conf_threshold, conventions) -> BoxPolicy:
+    return BoxPolicy.build(
+        name,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        conf_threshold=conf_threshold,
+        conventions=conventions,
     )

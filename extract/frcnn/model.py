@@ -1,9 +1,11 @@
 """The bottom-up-attention Faster R-CNN (ResNet-101 C4, Visual Genome 1600 classes / 400
 attributes) that produces LXMERT-style region features.
 
-`BUTDFasterRCNN(config)` only builds the modules (random weights); `convert.py` reads
-checkpoints and `load_into` fills them. `model.state_dict()` uses the keys of the Hugging Face
-`unc-nlp/frcnn-vg-finetuned` checkpoint (minus the frozen norms' unused `num_batches_tracked`).
+`BUTDFasterRCNN(config, conventions)` only builds the modules (random weights); `convert.py`
+reads checkpoints and `load_into` fills them. `config` is what the checkpoint fixes
+(architecture, trained box geometry); `conventions` the test-time pipeline reproduced.
+`model.state_dict()` uses the keys of the Hugging Face `unc-nlp/frcnn-vg-finetuned` checkpoint
+(minus the frozen norms' unused `num_batches_tracked`).
 
 Batch independence: the trunk and the RPN run one image at a time, so zero padding never reaches
 a feature map; only the per-RoI res5 and predictors are batched across images.
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from . import boxes as box_ops
 from .backbone import ResNetC4
 from .config import FrcnnConfig
+from .conventions import CAFFE, FrcnnConventions
 from .roi_heads import Res5ROIHeads
 from .rpn import RPN
 
@@ -33,7 +36,9 @@ class Detections:
     objectness: Tensor  # R  RPN logits
     features: Tensor  # R, D  mean-pooled res5 features
     class_probs: Tensor  # R, C + 1  softmax, background last
-    attr_probs: Tensor  # R, A + 1  softmax, "no attribute" last
+    # R, A + 1, "no attribute" last: softmax over all A + 1 (Caffe), or over the A attributes
+    # with the last column 0 (HF, modeling_frcnn.py:1165), per conventions.attr_conf_with_none
+    attr_probs: Tensor
     boxes: Tensor  # R, C, 4  class-specific regressed boxes, clipped to the image
     image_size: tuple[int, int]  # (h, w) of the preprocessed image
 
@@ -44,19 +49,22 @@ class Detections:
 class BUTDFasterRCNN(nn.Module):
     """Backbone (res2-res4) -> RPN proposals -> RoI pool + res5 -> predictors."""
 
-    def __init__(self, config: FrcnnConfig | None = None) -> None:
+    def __init__(
+        self, config: FrcnnConfig | None = None, conventions: FrcnnConventions | None = None
+    ) -> None:
         super().__init__()
         self.config = config or FrcnnConfig()
+        self.conventions = conventions or CAFFE
         self.backbone = ResNetC4(self.config)
-        self.proposal_generator = RPN(self.config)
+        self.proposal_generator = RPN(self.config, self.conventions)
         self.roi_heads = Res5ROIHeads(self.config)
 
     def forward(
         self, images: Sequence[Tensor], *, scales: Sequence[float] | None = None
     ) -> list[Detections]:
-        """images: each (3, H_i, W_i), preprocessed (BGR, mean-subtracted, resized); scales: the
-        resize factor of each (needed by the Caffe convention, whose minimum proposal size is
-        in original pixels; 1.0 when omitted) -> one `Detections` per image."""
+        """images: each (3, H_i, W_i), preprocessed (`preprocess`); scales: the resize factor of
+        each (`ResizePlan.scale`: the Caffe minimum proposal size is in original pixels; 1.0
+        when omitted) -> one `Detections` per image."""
         scales = [1.0] * len(images) if scales is None else list(scales)
         if len(scales) != len(images):
             raise ValueError(f"got {len(images)} images but {len(scales)} scales")
@@ -95,7 +103,7 @@ class BUTDFasterRCNN(nn.Module):
             objectness,
             features.split(counts),
             class_logits.softmax(dim=-1).split(counts),
-            attr_logits.softmax(dim=-1).split(counts),
+            self.attr_probs(attr_logits).split(counts),
             deltas.split(counts),
             strict=True,
         )
@@ -106,12 +114,21 @@ class BUTDFasterRCNN(nn.Module):
             out.append(Detections(props, logits, feats, probs, attrs, boxes, size))
         return out
 
+    def attr_probs(self, attr_logits: Tensor) -> Tensor:
+        """(R, A + 1) logits -> probabilities under the conventions' attribute rule."""
+        if self.conventions.attr_conf_with_none:
+            return attr_logits.softmax(dim=-1)
+        probs = attr_logits[:, :-1].softmax(dim=-1)
+        return torch.cat([probs, probs.new_zeros(len(probs), 1)], dim=1)
+
     def regress(self, proposals: Tensor, deltas: Tensor, image_size: tuple[int, int]) -> Tensor:
         """proposals (R, 4), deltas (R, C * 4) -> class-specific boxes (R, C, 4), clipped."""
-        conv = self.config.convention
-        boxes = box_ops.decode(deltas, proposals, conv.box_weights, plus_one=conv.plus_one)
+        trained, c = self.config.convention, self.conventions
+        boxes = box_ops.decode(
+            deltas, proposals, trained.box_weights, plus_one=trained.plus_one, clamp=c.delta_clamp
+        )
         boxes = boxes.reshape(len(proposals), self.config.num_classes, 4)
-        return box_ops.clip(boxes, *image_size, plus_one=conv.plus_one)
+        return box_ops.clip(boxes, *image_size, plus_one=c.clip_minus_one)
 
 
 @torch.inference_mode()

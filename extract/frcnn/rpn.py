@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from . import boxes as box_ops
 from .config import FrcnnConfig
+from .conventions import CAFFE, FrcnnConventions
 
 
 class CellAnchors(nn.Module):
@@ -62,11 +63,15 @@ class RPNHead(nn.Module):
 
 
 class RPN(nn.Module):
-    """Proposals for one image: decode, clip, drop small boxes, top-k, NMS, keep the best."""
+    """Proposals for one image: decode, clip, drop small boxes, top-k, NMS, keep the best.
 
-    def __init__(self, config: FrcnnConfig) -> None:
+    Decoding follows the checkpoint's `BoxConvention`; everything after it follows the
+    `FrcnnConventions` set (Caffe proposal_layer.py:126-152 or HF modeling_frcnn.py:287-327).
+    """
+
+    def __init__(self, config: FrcnnConfig, conventions: FrcnnConventions = CAFFE) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.conventions = config, conventions
         self.anchor_generator = AnchorGenerator(config)
         self.rpn_head = RPNHead(config.res4_channels, config.rpn_channels, config.num_anchors)
 
@@ -75,27 +80,31 @@ class RPN(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """features: (1, C, H/16, W/16) of one image of `image_size` (h, w) pixels, resized by
         `scale` from the original -> proposals (R, 4) and their objectness logits (R,), sorted
-        by decreasing logit, R <= post_nms_topk."""
-        conv = self.config.convention
+        by decreasing logit, R <= rpn_post_nms_topk."""
+        c = self.conventions
         logits, deltas = self.rpn_head(features)
         anchors = self.anchor_generator(features.shape[-2], features.shape[-1])
-        min_size = self.config.min_proposal_size
-        if conv.min_size_in_original_pixels:
-            min_size *= scale
-        candidates = (
-            self._filter_then_topk if conv.filter_small_before_topk else self._topk_then_filter
-        )
+        # Caffe measures the minimum side in original pixels: RPN_MIN_SIZE * im_scale
+        min_size = c.rpn_min_size * (scale if c.rpn_min_size_unit == "original" else 1.0)
+        candidates = self._filter_then_topk if c.rpn_filter_before_topk else self._topk_then_filter
         boxes, logits = candidates(logits, deltas, anchors, image_size, min_size)
         keep = box_ops.nms_convention(
-            boxes, logits, self.config.rpn_nms_threshold, plus_one=conv.plus_one
+            boxes, logits, c.rpn_nms_threshold, plus_one=c.rpn_nms_plus_one
         )
-        keep = keep[: self.config.post_nms_topk]
+        keep = keep[: c.rpn_post_nms_topk]
         return boxes[keep], logits[keep]
 
     def _decode(self, deltas: Tensor, anchors: Tensor, image_size: tuple[int, int]) -> Tensor:
-        conv = self.config.convention
-        boxes = box_ops.decode(deltas, anchors, conv.rpn_weights, plus_one=conv.plus_one)
-        return box_ops.clip(boxes, *image_size, plus_one=conv.plus_one)
+        trained, c = self.config.convention, self.conventions
+        boxes = box_ops.decode(
+            deltas, anchors, trained.rpn_weights, plus_one=trained.plus_one, clamp=c.delta_clamp
+        )
+        return box_ops.clip(boxes, *image_size, plus_one=c.clip_minus_one)
+
+    def _large_enough(self, boxes: Tensor, min_size: float) -> Tensor:
+        return box_ops.large_enough(
+            boxes, min_size, plus_one=self.conventions.rpn_min_size_inclusive
+        )
 
     def _topk_then_filter(
         self,
@@ -105,11 +114,11 @@ class RPN(nn.Module):
         image_size: tuple[int, int],
         min_size: float,
     ) -> tuple[Tensor, Tensor]:
-        # detectron2: best pre_nms_topk anchors first, then decode, clip, drop small boxes.
+        # HF / detectron2: best pre_nms_topk anchors first, then decode, clip, drop small boxes.
         logits, order = logits.sort(descending=True, stable=True)
-        order = order[: self.config.pre_nms_topk]
+        order = order[: self.conventions.rpn_pre_nms_topk]
         boxes = self._decode(deltas[order], anchors[order], image_size)
-        keep = box_ops.large_enough(boxes, min_size, plus_one=self.config.convention.plus_one)
+        keep = self._large_enough(boxes, min_size)
         return boxes[keep], logits[: len(order)][keep]
 
     def _filter_then_topk(
@@ -123,8 +132,8 @@ class RPN(nn.Module):
         # Caffe proposal layer: decode and clip every anchor, drop small boxes, then keep the
         # best pre_nms_topk.
         boxes = self._decode(deltas, anchors, image_size)
-        keep = box_ops.large_enough(boxes, min_size, plus_one=self.config.convention.plus_one)
+        keep = self._large_enough(boxes, min_size)
         boxes, logits = boxes[keep], logits[keep]
         logits, order = logits.sort(descending=True, stable=True)
-        order = order[: self.config.pre_nms_topk]
+        order = order[: self.conventions.rpn_pre_nms_topk]
         return boxes[order], logits[: len(order)]

@@ -3,17 +3,21 @@
 Each policy maps a `Detections` to a `BoxSelection` padded to a fixed number of rows, and is
 recorded by name (a plain dict, since the name ends up in the cache's attributes):
 
-- `caffe`: the original BUTD rule (peteanderson80 generate_tsv.py, LXMERT, MILVLG). For every
-  class, NMS at 0.3 on the unregressed proposals with that class's scores; per proposal keep the
-  best score that survived; keep proposals >= 0.2, at least 36 and at most 36 (best first
-  when clamped). Boxes: proposals / scale.
-- `maxnms`: the detectron2 port (py-bottom-up-attention demo): per proposal its best class and
-  that class's regressed box; class-agnostic NMS at 0.3, 0.4, ... 0.9 until 36 survive.
+- `caffe`: the original BUTD rule (peteanderson80 generate_tsv.py:84-95, LXMERT, MILVLG). For
+  every class, NMS at 0.3 on the unregressed proposals with that class's scores; per proposal
+  keep the best score that survived; keep proposals >= 0.2, at least 36 and at most 36 (best
+  first when clamped). Boxes: proposals mapped back to the image.
+- `maxnms`: the detectron2 / HF port (py-bottom-up-attention demo, HF modeling_frcnn.py:116-140
+  and :1191-1203): per proposal its best class and that class's regressed box; class-agnostic
+  NMS at rising thresholds until `min_boxes` survive, at most `num_boxes` kept.
 - `adaptive`: the `caffe` rule with 10 to 100 boxes (UNITER, VinVL), zero padded to 100.
 
+`scale` maps boxes back to original pixels: one factor (Caffe's im_scale) or a (sy, sx) pair
+(the HF port's per-axis ratios); original = input / scale.
+
 Class ids are 0-based over the C object classes (background dropped); attribute ids 0-based
-over the A attributes ("no attribute" dropped). Confidences are the (C + 1)- and (A + 1)-way
-softmax probabilities of the chosen ids, as in generate_tsv.py.
+over the A attributes ("no attribute" dropped). Confidences are the chosen ids' probabilities
+in `Detections` (the attribute rule is the model's conventions.attr_conf_with_none).
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ from .boxes import batched_nms_convention, nms_convention
 from .model import Detections
 
 MAXNMS_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+Scale = float | tuple[float, float]
+
+
+def to_original(boxes: Tensor, scale: Scale) -> Tensor:
+    """(..., 4) boxes in network-input pixels -> original pixels: / scale, or / (sy, sx)."""
+    if isinstance(scale, (int, float)):
+        return boxes / scale
+    sy, sx = scale
+    return boxes / boxes.new_tensor([sx, sy, sx, sy])
 
 
 @dataclass
@@ -121,7 +134,7 @@ def _caffe_keep(max_conf: Tensor, *, conf: float, min_boxes: int, max_boxes: int
 def select_caffe(
     det: Detections,
     *,
-    scale: float,
+    scale: Scale,
     conf_threshold: float = 0.2,
     min_boxes: int = 36,
     max_boxes: int = 36,
@@ -131,7 +144,7 @@ def select_caffe(
 ) -> BoxSelection:
     """The original BUTD rule on unregressed proposals (see the module docstring)."""
     scores = det.class_probs[:, :-1]
-    boxes = det.proposals / scale
+    boxes = to_original(det.proposals, scale)
     max_conf = _caffe_max_conf(
         boxes,
         scores,
@@ -147,21 +160,24 @@ def select_caffe(
 def select_maxnms(
     det: Detections,
     *,
-    scale: float,
+    scale: Scale,
     num_boxes: int = 36,
+    min_boxes: int | None = None,
     thresholds: tuple[float, ...] = MAXNMS_THRESHOLDS,
     plus_one: bool = False,
 ) -> BoxSelection:
-    """Best class per proposal, its regressed box, class-agnostic NMS at rising thresholds
-    until `num_boxes` survive (the last threshold's survivors otherwise)."""
+    """Best class per proposal, its regressed box, class-agnostic NMS at each threshold in turn,
+    keeping at most `num_boxes`, until `min_boxes` (default `num_boxes`) survive; the last
+    threshold's survivors otherwise (where the HF port fails: modeling_frcnn.py:1191-1203)."""
+    needed = num_boxes if min_boxes is None else min_boxes
     max_scores, max_classes = det.class_probs[:, :-1].max(dim=1)
     boxes = det.boxes[torch.arange(len(det), device=det.boxes.device), max_classes]
     keep = max_scores.new_zeros(0, dtype=torch.int64)
     for threshold in thresholds:
         keep = nms_convention(boxes, max_scores, threshold, plus_one=plus_one)[:num_boxes]
-        if len(keep) >= num_boxes:
+        if len(keep) >= needed:
             break
-    return _gather(det, keep, boxes / scale, policy="maxnms", rows=num_boxes)
+    return _gather(det, keep, to_original(boxes, scale), policy="maxnms", rows=num_boxes)
 
 
 select_adaptive = partial(select_caffe, min_boxes=10, max_boxes=100, policy="adaptive")
@@ -174,7 +190,7 @@ POLICIES: dict[str, Callable[..., BoxSelection]] = {
 
 
 def select_boxes(
-    det: Detections, *, scale: float, policy: str = "caffe", **options
+    det: Detections, *, scale: Scale, policy: str = "caffe", **options
 ) -> BoxSelection:
     """Apply the policy named `policy` (a key of `POLICIES`) to one image's detections."""
     if policy not in POLICIES:
