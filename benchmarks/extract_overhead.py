@@ -34,7 +34,7 @@ import torch
 from vlpipe.cache import Schema
 from vlpipe.data_manifests import registry
 from vlpipe.extract import runner
-from vlpipe.pipelines.extract_job import ExtractRequest, build_from_request
+from vlpipe.pipelines.extract_job import build_from_job, resolve_extract
 
 
 def parse_args() -> argparse.Namespace:
@@ -68,15 +68,9 @@ def list_records(args: argparse.Namespace) -> list:
 
 def build(args: argparse.Namespace):
     """The ViT extractor exactly as `vlpipe extract --backbone vit --weights random` builds it."""
-    req = ExtractRequest(
-        "vit",
-        "easy-vqa",
-        Path("unused.h5"),
-        weights="random",
-        arch=args.arch,
-        image_size=args.image_size,
-    )
-    return build_from_request(req, seed=0)
+    layer = {"backbone": "vit", "dataset": "easy-vqa", "out": "unused.h5", "weights": "random"}
+    layer |= {"arch": args.arch, "image_size": args.image_size}
+    return build_from_job(resolve_extract(layer))
 
 
 def sync(device: torch.device) -> None:

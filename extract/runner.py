@@ -87,6 +87,7 @@ def run_provenance(extractor: Extractor, opts: RunOptions, dataset: dict[str, An
         "dataset": dataset.get("name"),
         "split": dataset.get("split"),
         "dataset_root": dataset.get("root"),
+        "config": dataset.get("config"),  # the resolved `vlpipe extract` config, when run by it
         "versions": prov.package_versions("timm", "transformers", "torchvision"),
         "created": prov.now_iso(),
         **prov.host_record(),

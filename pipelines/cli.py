@@ -57,132 +57,18 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-@app.command()
-def extract(
-    backbone: str = typer.Option(..., help="vit | bert | resnet | frcnn"),
-    dataset: str = typer.Option(
-        ...,
-        help="images: easy-vqa, folder, coco, vg, gqa, nlvr2; "
-        "texts (bert): easy-vqa, vqa, gqa, nlvr2, lxmert",
-    ),
-    out: Path = typer.Option(..., help="cache index file; shards go to <name>.shards/ beside it"),
-    split: str = typer.Option(None, help="e.g. train / test (easy-vqa), train2014 (coco)"),
-    root: Path = typer.Option(None, help="dataset image folder"),
-    annotations: list[Path] = typer.Option(
-        [], help="text files (repeatable), e.g. VQA questions.json then annotations.json"
-    ),
-    limit: int = typer.Option(None, help="only the first N items (quick runs)"),
-    weights: str = typer.Option(
-        None,
-        help="checkpoint file or model folder; 'random' for random init (recorded in provenance)",
-    ),
-    arch: str = typer.Option(None, help="timm architecture / BERT name (default: the paper's)"),
-    model_kwargs: str = typer.Option("{}", help="JSON of extra model config, e.g. tiny models"),
-    image_size: int = typer.Option(
-        None,
-        help="input side in pixels (ViT: position embeddings are resampled; frcnn: the short "
-        "side, conventions field min_size)",
-    ),
-    max_length: int = typer.Option(20, help="text tokens incl. [CLS]/[SEP] (LXMERT uses 20)"),
-    vocab: str = typer.Option(None, help="WordPiece vocab.txt (default: the model folder's)"),
-    cls_only: bool = typer.Option(False, help="store only CLS/pooled features, not tokens"),
-    batch_size: int = typer.Option(32),
-    num_workers: int = typer.Option(2, help="image-decoding DataLoader workers"),
-    device: str = typer.Option("auto", help="auto takes CUDA when present"),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (autocast)"),
-    dtype: str = typer.Option("float16", help="stored feature dtype: float16 | float32"),
-    shard_items: int = typer.Option(None, help="items per shard (default: about 1 GiB)"),
-    resume: bool = typer.Option(False, help="continue an interrupted run"),
-    overwrite: bool = typer.Option(False, help="replace an existing cache"),
-    progress: bool = typer.Option(True, help="progress bar"),
-    seed: int = typer.Option(0, help="seed of random-init weights"),
-    box_policy: str = typer.Option(
-        None,
-        help="frcnn: caffe (LXMERT's 36) | maxnms | adaptive (10-100); default: the conventions'",
-    ),
-    min_boxes: int = typer.Option(None, help="frcnn: fewest regions (caffe 36, adaptive 10)"),
-    max_boxes: int = typer.Option(
-        None, help="frcnn: most regions = K stored per image (caffe 36, adaptive 100, maxnms 36)"
-    ),
-    conf_threshold: float = typer.Option(None, help="frcnn: region confidence (default 0.2)"),
-    max_size: int = typer.Option(
-        None, help="frcnn: cap of the long side (default: the conventions', caffe 1000)"
-    ),
-    conventions: str = typer.Option(
-        None,
-        help="frcnn: test-time pipeline to reproduce: caffe (generate_tsv.py, LXMERT's "
-        "features) | hf (the Hugging Face port); default: the checkpoint's (HF folder: hf, "
-        "with its config.yaml; MILVLG .pth, .pkl, random: caffe)",
-    ),
-    frcnn_set: list[str] = typer.Option(
-        [],
-        help="frcnn: override one conventions field, KEY=VALUE (repeatable), e.g. "
-        "rpn_min_size=0 or maxnms_thresholds=0.3,0.5; an unknown KEY lists the fields",
-    ),
-    allow_pickle: bool = typer.Option(
-        False, help="frcnn: allow reading a .pkl checkpoint (unpickling runs code from the file)"
-    ),
-    layer: str = typer.Option(
-        None, help="resnet: stage whose output is cached, e.g. layer3 (C4); default the last"
-    ),
-    pool: str = typer.Option(None, help="resnet: pooled image vector, avg (default) | max"),
-    impl: str = typer.Option(None, help="frcnn: native (default) | detectron2"),
-    config: Path = typer.Option(None, help="frcnn --impl detectron2: the detectron2 yaml config"),
-) -> None:
-    """Run a frozen encoder over a dataset and cache its features."""
-    from vlpipe.extract.runner import RunOptions
-    from vlpipe.pipelines.extract_job import (
-        ExtractRequest,
-        FrcnnOptions,
-        ResnetOptions,
-        run_extract,
-    )
-
-    req = ExtractRequest(
-        backbone,
-        dataset,
-        out,
-        split,
-        root,
-        tuple(annotations),
-        limit,
-        weights,
-        arch,
-        model_kwargs,
-        image_size,
-        max_length,
-        vocab,
-        cls_only,
-        FrcnnOptions(
-            box_policy,
-            min_boxes,
-            max_boxes,
-            conf_threshold,
-            max_size,
-            allow_pickle,
-            impl,
-            str(config) if config else None,
-            conventions,
-            tuple(frcnn_set),
-        ),
-        ResnetOptions(layer, pool),
-    )
-    opts = RunOptions(
-        batch_size,
-        num_workers,
-        device,
-        precision,
-        dtype,
-        shard_items,
-        resume,
-        overwrite,
-        progress=progress,
-        seed=seed,
-    )
+def _extract(config, sets, flags) -> None:
     from vlpipe.cache import CacheWriteError
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines.configs import ExtractJob
+    from vlpipe.pipelines.extract_job import resolve_extract, run_extract
+    from vlpipe.pipelines.options import flag_names, layers
 
     try:
-        summary = run_extract(req, opts)
+        file_layer, set_layer = layers(config, sets)
+        job = resolve_extract(file_layer, set_layer, flags.layer(), names=flag_names(ExtractJob))
+        set_threads(job.threads)
+        summary = run_extract(job)
     except CacheWriteError as err:
         _fail_hard(err)
     except _user_errors() as err:
@@ -269,48 +155,30 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command("import")
-def import_features(
-    source: Path = typer.Argument(..., help="an LXMERT .tsv file or a folder of MILVLG .npz"),
-    fmt: str = typer.Option(..., "--format", help="lxmert-tsv | npz"),
-    out: Path = typer.Option(..., help="cache index file to write"),
-    dtype: str = typer.Option("float32", help="stored feature dtype (float32 keeps bytes exact)"),
-    max_boxes: int = typer.Option(
-        None, help="K rows per image (default: tsv the first row's, npz the largest num_bbox)"
-    ),
-    allow_pickle: bool = typer.Option(
-        False, help="npz: read the pickled `info` dict (unpickling runs code from the files)"
-    ),
-    verbatim_keys: bool = typer.Option(
-        False, help="key images by img_id as is (default: COCO_train2014_000000458752 -> 458752)"
-    ),
-    limit: int = typer.Option(None, help="only the first N images"),
-    shard_items: int = typer.Option(4096, help="images per shard"),
-    overwrite: bool = typer.Option(False, help="replace an existing cache"),
-    resume: bool = typer.Option(False, help="continue an interrupted import"),
-) -> None:
-    """Turn region features written by other tools into a vlpipe cache."""
+def _import(config, sets, flags) -> None:
     from vlpipe.cache import CacheWriteError
     from vlpipe.extract import interop
+    from vlpipe.pipelines.configs import ImportJob
 
-    opts = interop.ImportOptions(
-        max_boxes,
-        dtype,
-        allow_pickle,
-        verbatim_keys,
-        overwrite,
-        shard_items=shard_items,
-        limit=limit,
-        resume=resume,
-    )
     try:
-        s = interop.import_features(fmt, source, out, opts)
+        job = _resolved(ImportJob, config, sets, flags)
+        opts = interop.ImportOptions(
+            job.max_boxes,
+            job.dtype,
+            job.allow_pickle,
+            job.verbatim_keys,
+            job.overwrite,
+            shard_items=job.shard_items,
+            limit=job.limit,
+            resume=job.resume,
+        )
+        s = interop.import_features(job.format, job.source, job.out, opts)
     except CacheWriteError as err:
         _fail_hard(err)
     except _user_errors() as err:
         _fail(err)
     typer.echo(
-        f"{out}: imported {s.items} images ({s.max_boxes} x {s.feature_dim} regions, "
+        f"{job.out}: imported {s.items} images ({s.max_boxes} x {s.feature_dim} regions, "
         f"img_id format {s.img_id_format!r})"
     )
 
@@ -356,6 +224,8 @@ def _job_commands() -> None:
     from vlpipe.pipelines.options import command
 
     json_flag = [("as_json", bool, typer.Option(False, "--json", help="machine-readable output"))]
+    command(app, "extract", configs.ExtractJob, _extract, help=EXTRACT_HELP)
+    command(app, "import", configs.ImportJob, _import, help=IMPORT_HELP)
     command(app, "train", configs.TrainJob, _train, help=TRAIN_HELP, prefixes=TRAIN_PREFIXES)
     command(app, "evaluate", configs.EvaluateJob, _evaluate, help=EVALUATE_HELP, extra=json_flag)
     command(app, "predict", configs.PredictJob, _predict, help=PREDICT_HELP)
@@ -363,6 +233,8 @@ def _job_commands() -> None:
 
 
 TRAIN_PREFIXES = {"val": "val-"}
+EXTRACT_HELP = "Run a frozen encoder over a dataset and cache its features."
+IMPORT_HELP = "Turn region features written by other tools into a vlpipe cache."
 TRAIN_HELP = "Train a fusion model and task head from cached features."
 EVALUATE_HELP = "Print the official metrics of a trained run on a labelled split."
 PREDICT_HELP = "Write the official submission file: VQA / GQA json, NLVR2 csv."

@@ -1,5 +1,5 @@
-"""The config of every stage-two job (train, evaluate, predict, score): each option's default,
-help and allowed values, in one place. The command line is generated from these
+"""The config of every job (extract, import, train, evaluate, predict, score): each option's
+default, help and allowed values, in one place. The command line is generated from these
 (pipelines/options.py); `--config FILE` reads the same fields from TOML or YAML, and every run
 folder saves its resolved config as config.toml, which `vlpipe train --config` reproduces.
 
@@ -170,6 +170,153 @@ class ScoreJob:
 
 
 # --------------------------------------------------------------------------------------------
+# Stage one
+# --------------------------------------------------------------------------------------------
+def _backbones() -> list[str]:
+    from vlpipe.extract.registry import BACKBONES
+
+    return list(BACKBONES)
+
+
+def _datasets() -> list[str]:
+    from vlpipe.data_manifests.registry import IMAGE_DATASETS, TEXT_FORMATS
+
+    return list(dict.fromkeys([*IMAGE_DATASETS, *TEXT_FORMATS]))
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """How the extraction loop runs (RunOptions in extract/runner.py)."""
+
+    batch_size: int = opt(32, "items per forward pass", minimum=1)
+    num_workers: int = opt(2, "image-decoding DataLoader workers", minimum=0)
+    device: str = opt("auto", DEVICE_HELP)
+    precision: str = opt("fp32", "autocast precision", choices=("fp32", "fp16", "bf16"))
+    dtype: str = opt("float16", "stored feature dtype", choices=("float16", "float32"))
+    shard_items: int | None = opt(None, "items per shard (default: about 1 GiB)", minimum=1)
+    seed: int = opt(0, "seed of random-init weights")
+    resume: bool = opt(False, "continue an interrupted run", save=False)
+    overwrite: bool = opt(False, "replace an earlier vlpipe cache at --out", save=False)
+    progress: bool = opt(True, "progress bar", save=False)
+
+
+@dataclass(kw_only=True)
+class FrcnnSection:
+    """Options of `--backbone frcnn` only (None: the conventions' / box policy's default)."""
+
+    conventions: str | None = opt(
+        None,
+        "test-time pipeline to reproduce: caffe (generate_tsv.py, LXMERT's features) | hf (the "
+        "Hugging Face port); default: the checkpoint's (HF folder: hf with its config.yaml; "
+        "MILVLG .pth, .pkl, random: caffe)",
+        choices=("caffe", "hf"),
+    )
+    frcnn_set: list[str] = opt(
+        help="override one conventions field, KEY=VALUE (repeatable), e.g. rpn_min_size=0",
+        factory=list,
+    )
+    box_policy: str | None = opt(
+        None,
+        "caffe (LXMERT's 36) | maxnms | adaptive (10-100); default: the conventions'",
+        choices=("caffe", "maxnms", "adaptive"),
+    )
+    min_boxes: int | None = opt(None, "fewest regions (caffe 36, adaptive 10)", minimum=1)
+    max_boxes: int | None = opt(None, "most regions = K stored per image", minimum=1)
+    conf_threshold: float | None = opt(None, "region confidence", minimum=0.0, maximum=1.0)
+    max_size: int | None = opt(None, "cap of the long side (default: the conventions')", minimum=1)
+    allow_pickle: bool = opt(False, "allow reading a .pkl checkpoint (unpickling runs code)")
+    impl: str | None = opt(None, "native (default) | detectron2", choices=("native", "detectron2"))
+    d2_config: Path | None = opt(None, "--impl detectron2: the detectron2 yaml config")
+
+
+@dataclass(kw_only=True)
+class ResnetSection:
+    """Options of `--backbone resnet` only (None: the last stage, global average pooling)."""
+
+    layer: str | None = opt(None, "stage whose output is cached, e.g. layer3 (C4)")
+    pool: str | None = opt(None, "pooled image vector (default avg)", choices=("avg", "max"))
+
+
+@dataclass(kw_only=True)
+class ExtractJob:
+    """`vlpipe extract`: a frozen encoder over a dataset, features cached."""
+
+    backbone: str = opt(help="the frozen encoder", choices=_backbones)
+    dataset: str = opt(
+        help="images: easy-vqa, folder, coco, vg, gqa, nlvr2; texts (bert): easy-vqa, vqa, "
+        "gqa, nlvr2, lxmert",
+        choices=_datasets,
+    )
+    out: Path = opt(help="cache index file; shards go to <name>.shards/ beside it")
+    split: str | None = opt(None, "e.g. train / test (easy-vqa), train2014 (coco)")
+    root: Path | None = opt(None, "dataset image folder")
+    annotations: list[Path] = opt(
+        help="text files (repeatable), e.g. VQA questions.json then annotations.json",
+        factory=list,
+    )
+    limit: int | None = opt(None, "only the first N items, in natural key order", minimum=1)
+    weights: str | None = opt(
+        None, "checkpoint file or model folder; 'random' for random init (recorded as such)"
+    )
+    arch: str | None = opt(None, "timm architecture / BERT name (default: the paper's)")
+    model: dict[str, Any] = opt(
+        help="extra model config, e.g. a tiny model",
+        flag="model-config",
+        aliases=("model-kwargs",),
+        factory=dict,
+    )
+    image_size: int | None = opt(
+        None,
+        "input side in pixels (ViT: position embeddings resampled; frcnn: short side)",
+        minimum=16,
+    )
+    max_length: int = opt(MAX_LENGTH, "text tokens incl. [CLS] / [SEP]", minimum=3)
+    vocab: str | None = opt(None, "WordPiece vocab.txt (default: the model folder's)")
+    cls_only: bool = opt(False, "store only CLS / pooled features, not tokens or patches")
+    threads: int = opt(0, THREADS_HELP, minimum=0)
+    run: RunConfig = section(RunConfig)
+    frcnn: FrcnnSection = section(FrcnnSection)
+    resnet: ResnetSection = section(ResnetSection)
+
+
+# Which backbones each option applies to: giving it for another one is an error naming it.
+APPLIES = {
+    "cls_only": ("vit", "resnet", "bert"),
+    "max_length": ("bert",),
+    "vocab": ("bert",),
+    "image_size": ("vit", "resnet", "frcnn"),
+    "arch": ("vit", "resnet", "bert"),
+    "frcnn": ("frcnn",),
+    "resnet": ("resnet",),
+}
+
+
+@dataclass(kw_only=True)
+class ImportJob:
+    """`vlpipe import`: region features written by other tools, as a vlpipe cache."""
+
+    source: Path = opt(help="an LXMERT .tsv file or a folder of MILVLG .npz", argument=True)
+    format: str = opt(help="the source's format", choices=("lxmert-tsv", "npz"))
+    out: Path = opt(help="cache index file to write")
+    dtype: str = opt(
+        "float32",
+        "stored feature dtype (float32 keeps bytes exact)",
+        choices=("float16", "float32"),
+    )
+    max_boxes: int | None = opt(
+        None, "K rows per image (default: tsv the first row's, npz the largest num_bbox)", minimum=1
+    )
+    allow_pickle: bool = opt(False, "npz: read the pickled `info` dict (unpickling runs code)")
+    verbatim_keys: bool = opt(
+        False, "key images by img_id as is (default: COCO_train2014_000000458752 -> 458752)"
+    )
+    limit: int | None = opt(None, "only the first N images", minimum=1)
+    shard_items: int = opt(4096, "images per shard", minimum=1)
+    resume: bool = opt(False, "continue an interrupted import", save=False)
+    overwrite: bool = opt(False, "replace an earlier vlpipe cache at --out", save=False)
+
+
+# --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
 def preset_names() -> dict[str, str]:
@@ -203,7 +350,10 @@ def _preset_path(name: str) -> Path:
 
 
 __all__ = [
+    "APPLIES",
     "DataConfig",
+    "ExtractJob",
+    "ImportJob",
     "EvalConfig",
     "EvaluateJob",
     "ModelSource",

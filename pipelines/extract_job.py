@@ -2,101 +2,82 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from vlpipe.cache import build_index
 from vlpipe.cache_layout import check_target, remove_cache
+from vlpipe.config import merge, resolve, to_dict
 from vlpipe.distributed import resolve_device
+from vlpipe.errors import ConfigError
 from vlpipe.extract.base import parse_weights
 from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
+from vlpipe.pipelines.configs import APPLIES, ExtractJob
 
 
-@dataclass
-class FrcnnOptions:
-    """Options of `--backbone frcnn` only (None: the box policy's / model's default)."""
-
-    box_policy: str | None = None
-    min_boxes: int | None = None
-    max_boxes: int | None = None
-    conf_threshold: float | None = None
-    max_size: int | None = None
-    allow_pickle: bool = False
-    impl: str | None = None
-    config: str | None = None
-    conventions: str | None = None
-    frcnn_set: tuple[str, ...] = ()
-
-    def given(self) -> dict[str, object]:
-        """The options the user set, by name."""
-        unset = (None, False, ())
-        return {k: v for k, v in asdict(self).items() if not any(v is u for u in unset)}
-
-
-@dataclass
-class ResnetOptions:
-    """Options of `--backbone resnet` only (None: the last stage, global average pooling)."""
-
-    layer: str | None = None
-    pool: str | None = None
-
-    def given(self) -> dict[str, object]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
+    """The ExtractJob of the layers (file, --set, flags); an option given for a backbone it
+    does not apply to is an error naming it (defaults never are)."""
+    given: dict = {}
+    for layer in layers:
+        given = merge(given, layer)
+    job = resolve(ExtractJob, *layers, names=names)
+    for name, backbones in APPLIES.items():
+        value = given.get(name)
+        if value not in (None, False, {}, []) and job.backbone not in backbones:
+            flag = (names or {}).get((name,), name) if not isinstance(value, dict) else None
+            flags = flag or ", ".join(
+                (names or {}).get((name, k), f"{name}.{k}") for k in sorted(value)
+            )
+            raise ConfigError(
+                f"{flags}: only for --backbone {' | '.join(backbones)}, not {job.backbone!r}"
+            )
+    return job
 
 
-@dataclass
-class ExtractRequest:
-    backbone: str
-    dataset: str
-    out: Path
-    split: str | None = None
-    root: Path | None = None
-    annotations: tuple[Path, ...] = ()
-    limit: int | None = None
-    weights: str | None = None
-    arch: str | None = None
-    model_kwargs: str = "{}"
-    image_size: int | None = None
-    max_length: int = 20
-    vocab: str | None = None
-    cls_only: bool = False
-    frcnn: FrcnnOptions = field(default_factory=FrcnnOptions)
-    resnet: ResnetOptions = field(default_factory=ResnetOptions)
-
-
-def build_from_request(req: ExtractRequest, seed: int = 0):
+def build_from_job(job: ExtractJob):
+    """The frozen extractor of the job, its random-init weights seeded by --seed."""
     import torch
 
     from vlpipe.extract.registry import build_extractor
 
-    weights = parse_weights(req.weights)
-    try:
-        kwargs = json.loads(req.model_kwargs)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model-kwargs is not JSON: {err}") from err
-    specific = {"frcnn": req.frcnn.given(), "resnet": req.resnet.given()}
-    for backbone, options in specific.items():
-        if options and req.backbone != backbone:
-            flags = ", ".join("--" + k.replace("_", "-") for k in options)
-            raise ValueError(f"{flags}: only for --backbone {backbone}, not {req.backbone!r}")
-    torch.manual_seed(seed)  # random-init weights are a function of the seed
+    weights = parse_weights(job.weights)
+    specific = {"frcnn": _frcnn_options(job.frcnn), "resnet": _given(job.resnet)}
+    torch.manual_seed(job.run.seed)  # random-init weights are a function of the seed
     extractor = build_extractor(
-        req.backbone,
-        arch=req.arch,
+        job.backbone,
+        arch=job.arch,
         weights=weights,
-        image_size=req.image_size,
-        max_length=req.max_length,
-        model_kwargs=kwargs,
-        vocab=req.vocab,
-        patches=not req.cls_only,
-        **specific.get(req.backbone, {}),
+        image_size=job.image_size,
+        max_length=job.max_length,
+        model_kwargs=job.model,
+        vocab=job.vocab,
+        patches=not job.cls_only,
+        **specific.get(job.backbone, {}),
     )
     if weights is None:
-        warn_random(req.backbone)
+        warn_random(job.backbone)
     return extractor
+
+
+def _given(section) -> dict[str, Any]:
+    """A section's options that are set (None / False / empty: the model's own default)."""
+    return {k: v for k, v in asdict(section).items() if v not in (None, False, [], ())}
+
+
+def _frcnn_options(frcnn) -> dict[str, Any]:
+    options = _given(frcnn)
+    if "d2_config" in options:  # the detectron2 backend calls it config
+        options["config"] = str(options.pop("d2_config"))
+    if "frcnn_set" in options:
+        options["frcnn_set"] = tuple(options["frcnn_set"])
+    return options
+
+
+def run_options(job: ExtractJob) -> RunOptions:
+    return RunOptions(**asdict(job.run))
 
 
 def warn_random(backbone: str) -> None:
@@ -109,34 +90,41 @@ def warn_random(backbone: str) -> None:
     )
 
 
-def records_for(req: ExtractRequest, modality: str) -> list[Any]:
+def records_for(job: ExtractJob, modality: str) -> list[Any]:
     from vlpipe.data_manifests import registry
 
     if modality == "image":
-        return registry.list_images(req.dataset, req.root, req.split, req.limit)
-    return registry.read_texts(req.dataset, list(req.annotations), req.split, req.limit)
+        if job.annotations:
+            raise ConfigError("--annotations: image backbones read --root, not annotation files")
+        return registry.list_images(job.dataset, job.root, job.split, job.limit)
+    if job.root is not None:
+        raise ConfigError("--root: text backbones read --annotations, not an image folder")
+    return registry.read_texts(job.dataset, list(job.annotations), job.split, job.limit)
 
 
-def run_extract(req: ExtractRequest, opts: RunOptions) -> Summary:
+def run_extract(job: ExtractJob, opts: RunOptions | None = None) -> Summary:
     """Extract; under torchrun every rank takes every world-th item and writes its own shards,
-    and rank 0 ties them into the index once all ranks are done."""
+    and rank 0 ties them into the index once all ranks are done. The resolved job is recorded
+    in the cache's provenance ("config")."""
     from vlpipe import distributed
 
-    check_target(Path(req.out), resume=opts.resume, overwrite=opts.overwrite)  # before any work
+    opts = opts or run_options(job)
+    check_target(Path(job.out), resume=opts.resume, overwrite=opts.overwrite)  # before any work
     dist = distributed.init(resolve_device(opts.device).type)
-    extractor = build_from_request(req, opts.seed)
-    records = records_for(req, extractor.modality)
+    extractor = build_from_job(job)
+    records = records_for(job, extractor.modality)
     if not records:
-        raise ValueError(f"dataset {req.dataset!r} split {req.split!r} has no items")
+        raise ConfigError(f"dataset {job.dataset!r} split {job.split!r} has no items")
     if dist.enabled:
-        records, opts = records[dist.rank :: dist.world], _rank_options(req.out, opts, dist)
-    info = {"name": req.dataset, "split": req.split, "root": str(req.root) if req.root else None}
+        records, opts = records[dist.rank :: dist.world], _rank_options(job.out, opts, dist)
+    info = {"name": job.dataset, "split": job.split, "root": str(job.root) if job.root else None}
+    info["config"] = to_dict(job, saved_only=True)
     run = extract_images if extractor.modality == "image" else extract_texts
-    summary = run(extractor, records, str(req.out), opts, info)
+    summary = run(extractor, records, str(job.out), opts, info)
     if dist.enabled:
         distributed.barrier(dist)
         if dist.main:
-            build_index(req.out)
+            build_index(job.out)
         distributed.barrier(dist)
     return summary
 

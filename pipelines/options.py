@@ -35,6 +35,8 @@ class Flag:
     annotation: Any
     help: str
     json: bool = False  # a table field, given as a JSON object on the command line
+    aliases: tuple[str, ...] = ()
+    argument: bool = False
 
 
 def flags_of(cls: type, prefixes: Mapping[str, str] | None = None) -> list[Flag]:
@@ -73,6 +75,8 @@ def _flag(f: dataclasses.Field, hint: Any, path: tuple[str, ...], prefix: str) -
         annotation=annotation,
         help=_help(f, is_table),
         json=is_table,
+        aliases=tuple(f"--{prefix}{a}" for a in f.metadata.get("aliases", ())),
+        argument=f.metadata.get("argument", False),
     )
 
 
@@ -107,11 +111,14 @@ def _shown(value: Any) -> str:
 
 def typer_option(flag: Flag) -> Any:
     base = _strip_optional(flag.annotation)
+    if flag.argument:
+        return typer.Argument(None, help=flag.help, show_default=False)
     if base is bool:
         name = flag.option.removeprefix("--")
         return typer.Option(None, f"--{name}/--no-{name}", help=flag.help, show_default=False)
     metavar = _METAVAR.get(typing.get_args(base)[0] if typing.get_args(base) else base)
-    return typer.Option(None, flag.option, help=flag.help, metavar=metavar, show_default=False)
+    names = (flag.option, *flag.aliases)
+    return typer.Option(None, *names, help=flag.help, metavar=metavar, show_default=False)
 
 
 @dataclasses.dataclass(frozen=True)

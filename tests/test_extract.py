@@ -47,21 +47,24 @@ def test_features_match_the_bare_model(image_folder, tmp_path):
     """What lands in the cache is the model's output for that very image (seeded random init
     makes the run's model reproducible here)."""
     from vlpipe.extract.images import load_image
-    from vlpipe.pipelines.extract_job import ExtractRequest, build_from_request
+    from vlpipe.pipelines.extract_job import build_from_job, resolve_extract
 
     vlpipe(*vit_args(image_folder, tmp_path / "v.h5", "--dtype", "float32", "--seed", 7))
     cache = FeatureCache(tmp_path / "v.h5")
     assert cache.provenance["seed"] == 7
-    req = ExtractRequest(
-        "vit",
-        "folder",
-        tmp_path / "x.h5",
-        weights="random",
-        arch="vit_tiny_patch16_224",
-        model_kwargs=TINY_VIT,
-        image_size=32,
+    job = resolve_extract(
+        {
+            "backbone": "vit",
+            "dataset": "folder",
+            "out": str(tmp_path / "x.h5"),
+            "weights": "random",
+            "arch": "vit_tiny_patch16_224",
+            "model": json.loads(TINY_VIT),
+            "image_size": 32,
+            "run": {"seed": 7},
+        }
     )
-    ext = build_from_request(req, seed=7)
+    ext = build_from_job(job)
     for key in ("b/img2", "a/img5"):
         pixels = ext.transform(load_image(image_folder / f"{key}.png")).unsqueeze(0)
         with torch.inference_mode():

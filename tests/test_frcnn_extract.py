@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import builtins
 import csv
+import json
 import pickle
 import sys
 
@@ -97,12 +98,12 @@ def test_cache_holds_the_models_selection(frcnn_images, tmp_path):
     """The row is detect + select_boxes on the preprocessed image, boxes divided by the scale."""
     from vlpipe.extract.frcnn import detect, select_boxes
     from vlpipe.extract.images import load_image
-    from vlpipe.pipelines.extract_job import ExtractRequest, build_from_request
+    from vlpipe.pipelines.extract_job import build_from_job, resolve_extract
 
     vlpipe(*frcnn_args(frcnn_images, tmp_path / "r.h5", "--seed", 3))
-    req = ExtractRequest("frcnn", "folder", tmp_path / "x.h5", weights="random")
-    req.model_kwargs, req.image_size = TINY_FRCNN, 64
-    ext = build_from_request(req, seed=3)
+    layer = {"backbone": "frcnn", "dataset": "folder", "out": str(tmp_path / "x.h5")}
+    layer |= {"weights": "random", "model": json.loads(TINY_FRCNN), "image_size": 64}
+    ext = build_from_job(resolve_extract(layer, {"run": {"seed": 3}}))
     image = load_image(frcnn_images / "img1.png")  # 80 x 64: scale 1.0
     plan = ext.transform.plan(64, 80)
     assert plan.scale == 1.0
@@ -161,7 +162,7 @@ def test_detectron2_backend_explains_how_to_install(frcnn_images, tmp_path, monk
     config = tmp_path / "butd.yaml"
     config.write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n")
     result = vlpipe(
-        *frcnn_args(frcnn_images, tmp_path / "d.h5", "--impl", "detectron2", "--config", config),
+        *frcnn_args(frcnn_images, tmp_path / "d.h5", "--impl", "detectron2", "--d2-config", config),
         code=1,
     )
     text = " ".join(result.output.split())

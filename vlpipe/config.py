@@ -35,6 +35,8 @@ def opt(
     maximum: float | None = None,
     cli: bool = True,
     save: bool = True,
+    aliases: tuple[str, ...] = (),
+    argument: bool = False,
     factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A config field: its default (none: required), its help, and the checks its values must
@@ -42,7 +44,8 @@ def opt(
 
     flag: the command-line name (default: the field name with dashes); cli=False keeps a field
     out of the command line (config files only); save=False keeps an action (--resume,
-    --overwrite) out of the saved config. choices may be a callable, evaluated when checked
+    --overwrite) out of the saved config; aliases are other flag names (kept for old
+    spellings); argument=True makes it positional. choices may be a callable, evaluated when checked
     (registries that import lazily)."""
     metadata = {
         "help": help,
@@ -52,6 +55,8 @@ def opt(
         "maximum": maximum,
         "cli": cli,
         "save": save,
+        "aliases": aliases,
+        "argument": argument,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
