@@ -90,6 +90,10 @@ def load_json(path: str | Path) -> Any:
         raise AnnotationError(path, f"line {e.lineno}", f"invalid JSON: {e.msg}") from e
     except UnicodeDecodeError as e:
         raise AnnotationError(path, f"at byte {e.start}", "not UTF-8 text") from e
+    except IsADirectoryError as e:
+        raise InputError(f"{path} is a folder, not an annotation file") from e
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such file") from e
 
 
 def get_field(

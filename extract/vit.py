@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Extractor, ImageTransform
 from vlpipe.weights import load_into, read_state_dict
 
@@ -51,6 +52,12 @@ def build_timm(
     """A timm model with local weights loaded strictly (shared by ViT and ResNet)."""
     import timm
 
+    if not timm.is_model(arch):
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ConfigError(f"--arch {arch!r} is not a timm architecture{hint}")
     kwargs = dict(model_kwargs)
     if image_size and arch.startswith(("vit", "deit", "beit", "eva")):
         kwargs["img_size"] = image_size

@@ -48,6 +48,7 @@ class CacheSet:
                     f"{first.path} ({first.kind}, {first.fields})"
                 )
         self.kind, self.fields, self.provenance = first.kind, first.fields, first.provenance
+        self.modality = "text" if first.kind == "tokens" else "image"
         self.facts = first.schema.facts
 
     @property
@@ -311,7 +312,16 @@ def build_vocab(task: Task, records: Sequence[TextRecord], min_count: int) -> An
     """Answer vocabulary from training (+ validation) records, the LXMERT / BUTD way."""
     if task.fixed_answers is not None:
         return AnswerVocab(list(task.fixed_answers))
-    return AnswerVocab.build((task.vocab_answer(r) for r in records), min_count)
+    answers = [task.vocab_answer(r) for r in records if r.labelled]
+    if not answers:
+        raise DataMismatch("no training example has an answer: train on a labelled split")
+    vocab = AnswerVocab.build((a for a in answers if a), min_count)
+    if not len(vocab):
+        raise DataMismatch(
+            f"no answer is given for at least {min_count} of the {len(answers)} training "
+            "questions: lower --min-answer-count"
+        )
+    return vocab
 
 
 __all__ = [

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpipe.errors import ConfigError
-from vlpipe.fusion.data import CacheSet, TaskDataset
+from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset
 from vlpipe.fusion.model import fusion_inputs
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
 from vlpipe.pipelines.configs import DataConfig, EvalConfig
@@ -88,6 +88,8 @@ def build_dataset(
 ) -> TaskDataset:
     images = CacheSet(spec.features)
     texts = CacheSet(spec.text_features) if spec.text_features else None
+    _check_modality(images, "image", "--features")
+    _check_modality(texts, "text", "--text-features")
     data = TaskDataset(
         task,
         records if records is not None else spec.records(),
@@ -102,6 +104,14 @@ def build_dataset(
     if data.skipped:
         print(skip_report(data.skipped, len(data) + len(data.skipped)), file=sys.stderr)
     return data
+
+
+def _check_modality(caches: CacheSet | None, expected: str, flag: str) -> None:
+    if caches is not None and caches.modality != expected:
+        raise DataMismatch(
+            f"{flag} takes {expected} caches; {caches.names} is a {caches.kind!r} cache "
+            f"({caches.modality} features)"
+        )
 
 
 def skip_report(skipped: dict[str, str], total: int, examples: int = 3) -> str:

@@ -141,3 +141,84 @@ def test_each_flag_once_and_every_default_in_help(command, monkeypatch):
     helptext = vlpipe(command, "--help").output
     if command == "train":
         assert "default 32" in helptext and "default 4" in helptext and "--config" in helptext
+
+
+TINY_EXTRACT = ["--weights", "random", "--arch", "vit_tiny_patch16_224", "--image-size", "32"]
+TINY_EXTRACT += ["--model-config", '{"embed_dim": 32, "depth": 1, "num_heads": 2}', "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backbone", "vit", "--image-size", "0"], "--image-size must be >= 16, got 0"),
+        (["--backbone", "vit", "--shard-items", "0"], "--shard-items must be >= 1, got 0"),
+        (["--backbone", "vit", "--precision", "fp8"], "--precision must be one of fp32"),
+        (["--backbone", "vit", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--backbone", "vit", "--arch", "vit_tiny_patch"], "not a timm architecture; close:"),
+        (["--backbone", "vit", "--max-length", "30"], "--max-length: only for --backbone bert"),
+        (["--backbone", "vit", "--layer", "layer2"], "--layer: only for --backbone resnet"),
+        (["--backbone", "vit", "--annotations", "q.json"], "--annotations: image backbones"),
+        (["--backbone", "frcnn", "--cls-only"], "--cls-only: only for --backbone vit | resnet"),
+        (["--backbone", "nope"], "--backbone must be one of vit, bert, resnet, frcnn"),
+    ],
+)
+def test_wrong_extract_values_name_the_option(tmp_path, args, message):
+    from tests.conftest import write_image
+
+    write_image(tmp_path / "imgs" / "a.png")
+    result = vlpipe(
+        "extract",
+        "--dataset",
+        "folder",
+        "--root",
+        tmp_path / "imgs",
+        *TINY_EXTRACT,
+        *args,
+        "--out",
+        tmp_path / "c.h5",
+        code=1,
+    )
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_bert_options_are_checked_too(tmp_path):
+    result = vlpipe(
+        "extract",
+        "--backbone",
+        "bert",
+        "--dataset",
+        "easy-vqa",
+        "--split",
+        "test",
+        "--weights",
+        "random",
+        "--image-size",
+        "64",
+        "--out",
+        tmp_path / "b.h5",
+        code=1,
+    )
+    assert "--image-size: only for --backbone vit | resnet | frcnn, not 'bert'" in result.output
+
+
+@pytest.mark.parametrize("case", ["text cache as features", "min count", "folder", "no answers"])
+def test_wrong_training_inputs_are_named(tmp_path, case):
+    data = gqa_color_task(tmp_path)
+    args, message = {
+        "text cache as features": (
+            ["--features", tmp_path / "txt.h5", "--annotations", tmp_path / "q.json"],
+            "--features takes image caches",
+        ),
+        "min count": (
+            [*data[:4], "--annotations", tmp_path / "q.json", "--min-answer-count", "100"],
+            "no answer is given for at least 100 of the 24 training questions",
+        ),
+        "folder": ([*data[:4], "--annotations", tmp_path], "is a folder, not an annotation file"),
+        "no answers": ([*data[:4], "--annotations", tmp_path / "u.json"], "no training example"),
+    }[case]
+    questions = json.loads((tmp_path / "q.json").read_text())
+    (tmp_path / "u.json").write_text(
+        json.dumps({k: {**v, "answer": None} for k, v in questions.items()})
+    )
+    result = vlpipe("train", "--task", "gqa", *args, "--out", tmp_path / "r", code=1)
+    assert message in result.output and "Traceback" not in result.output
