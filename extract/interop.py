@@ -46,6 +46,7 @@ import numpy as np
 from vlpipe import provenance as prov
 from vlpipe.cache import FIELDS, CacheWriter, FeatureCache, Schema
 from vlpipe.data_manifests.lxmert import image_key_from_lxmert_id
+from vlpipe.errors import ConfigError, InputError
 
 FORMATS = ("lxmert-tsv", "npz")
 TSV_FIELDS = (
@@ -72,7 +73,7 @@ _COCO_ID = re.compile(r"(COCO_[A-Za-z0-9]+_)(\d+)")
 _FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(InputError):
     """A malformed feature file or row; the message names the file and the row / image."""
 
     def __init__(self, where: str, reason: str):
@@ -261,7 +262,7 @@ def format_img_id(fmt: str, key: str) -> str:
     try:
         return fmt.format(key=key, num=int(key) if key.isdecimal() else key)
     except (ValueError, KeyError, IndexError) as err:
-        raise ValueError(f"img id format {fmt!r} does not apply to key {key!r} ({err})") from None
+        raise ConfigError(f"img id format {fmt!r} does not apply to key {key!r} ({err})") from None
 
 
 def _key_of(item: RegionItem, fmt: str, verbatim: bool) -> str:
@@ -288,7 +289,7 @@ def import_features(
     elif fmt == "npz":
         items = read_milvlg_npz(source, allow_pickle=opts.allow_pickle)
     else:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+        raise ConfigError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     items = itertools.islice(items, opts.limit)
     first = next(items, None)
     if first is None:
@@ -402,7 +403,7 @@ def export_lxmert_tsv(
     rows of each image, float32 features); returns the number of images written."""
     cache = FeatureCache(cache_path)
     if cache.kind != "regions":
-        raise ValueError(f"{cache_path}: a {cache.kind} cache; only regions caches export to TSV")
+        raise InputError(f"{cache_path}: a {cache.kind} cache; only regions caches export to TSV")
     fmt = img_id_format or cache.provenance.get("img_id_format") or "{key}"
     keys = _row_keys(cache)
     out = Path(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Extractor
 
 # name -> "module:builder"; imported lazily so `vlpipe --help` stays instant.
@@ -18,6 +19,6 @@ BACKBONES = {
 
 def build_extractor(name: str, **options: Any) -> Extractor:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
     module, func = BACKBONES[name].split(":")
     return getattr(importlib.import_module(module), func)(**options)

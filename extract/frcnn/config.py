@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from vlpipe.errors import ConfigError
+
 ConventionName = Literal["detectron2", "caffe"]
 
 
@@ -61,7 +63,7 @@ class BoxConvention:
         """The convention recorded under `name` (as stored in a cache's attributes)."""
         makers = {"detectron2": cls.detectron2, "caffe": cls.caffe}
         if name not in makers:
-            raise ValueError(f"unknown box convention {name!r}; expected one of {sorted(makers)}")
+            raise ConfigError(f"unknown box convention {name!r}; expected one of {sorted(makers)}")
         return makers[name]()
 
 

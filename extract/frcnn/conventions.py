@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vlpipe.errors import ConfigError, InputError
+
 PIXEL_MEAN_BGR = (102.9801, 115.9465, 122.7717)  # BUTD lib/fast_rcnn/config.py:206
 BOX_POLICIES = ("caffe", "maxnms", "adaptive")
 DETECTRON2_SCALE_CLAMP = math.log(1000.0 / 16)  # HF modeling_frcnn.py:447 (detectron2)
@@ -115,28 +117,28 @@ class FrcnnConventions:
     def __post_init__(self) -> None:
         for name, allowed in _choices().items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
         if not 1 <= self.min_size <= self.max_size:
-            raise ValueError(
+            raise ConfigError(
                 f"need 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}"
             )
         if not 1 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(
+            raise ConfigError(
                 f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}"
             )
         if self.rpn_pre_nms_topk < 1 or self.rpn_post_nms_topk < 1 or self.rpn_min_size < 0:
-            raise ValueError("rpn_pre_nms_topk, rpn_post_nms_topk must be >= 1, rpn_min_size >= 0")
+            raise ConfigError("rpn_pre_nms_topk, rpn_post_nms_topk must be >= 1, rpn_min_size >= 0")
         thresholds = (self.rpn_nms_threshold, self.class_nms_threshold, *self.maxnms_thresholds)
         if not self.maxnms_thresholds or not all(0 < t <= 1 for t in thresholds):
-            raise ValueError("NMS thresholds must be in (0, 1] and maxnms_thresholds non-empty")
+            raise ConfigError("NMS thresholds must be in (0, 1] and maxnms_thresholds non-empty")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
-            raise ValueError("pixel_mean and pixel_std need 3 values, std > 0")
+            raise ConfigError("pixel_mean and pixel_std need 3 values, std > 0")
 
     def replace(self, **changes: Any) -> FrcnnConventions:
         """A copy with `changes` (field names checked, values validated)."""
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
-            raise ValueError(f"unknown convention fields {unknown}; known: {field_names()}")
+            raise ConfigError(f"unknown convention fields {unknown}; known: {field_names()}")
         return dataclasses.replace(self, **changes)
 
     def record(self) -> dict[str, Any]:
@@ -186,7 +188,7 @@ TINY_SETTINGS = {"rpn_pre_nms_topk": 200, "rpn_post_nms_topk": 50, "rpn_min_size
 
 def conventions_named(name: str) -> FrcnnConventions:
     if name not in CONVENTION_SETS:
-        raise ValueError(f"unknown conventions {name!r}; expected one of {list(CONVENTION_SETS)}")
+        raise ConfigError(f"unknown conventions {name!r}; expected one of {list(CONVENTION_SETS)}")
     return CONVENTION_SETS[name]
 
 
@@ -201,9 +203,9 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep:
-            raise ValueError(f"--frcnn-set {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"--frcnn-set {item!r}: expected KEY=VALUE")
         if key not in hints or key == "name":
-            raise ValueError(
+            raise ConfigError(
                 f"--frcnn-set {key!r}: unknown convention field; known: "
                 f"{[n for n in field_names() if n != 'name']}"
             )
@@ -225,7 +227,7 @@ def _parse_value(key: str, hint: Any, text: str) -> Any:
         if type(None) in args:  # float | None
             return None if text.lower() in ("none", "null", "") else float(text)
     except ValueError as err:
-        raise ValueError(f"--frcnn-set {key}={text!r}: {err}") from err
+        raise ConfigError(f"--frcnn-set {key}={text!r}: {err}") from err
     raise TypeError(f"no parser for {key}: {hint}")
 
 
@@ -265,7 +267,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     with open(path) as handle:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise InputError(f"{path}: expected a mapping at the top level")
     if set(data) == {"config"} and isinstance(data["config"], Mapping):
         data = data["config"]  # some copies wrap everything in `config:`
     return _lower_keys(data)

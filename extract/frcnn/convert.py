@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vlpipe.errors import WeightsError
+
 from .config import BoxConvention, FrcnnConfig
 from .conventions import (
     FrcnnConventions,
@@ -55,7 +57,7 @@ HF_CONFIG_FILE = "config.yaml"
 StateDict = dict[str, Tensor]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(WeightsError, ValueError):
     """A checkpoint's keys or shapes do not fit the model."""
 
 
@@ -189,7 +191,7 @@ def weights_file(path: str | Path) -> Path:
     for name in HF_WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{path} holds none of {', '.join(HF_WEIGHT_FILES)}")
+    raise WeightsError(f"{path} holds none of {', '.join(HF_WEIGHT_FILES)}")
 
 
 def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:

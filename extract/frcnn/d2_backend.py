@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlpipe.errors import ConfigError, VlpipeError
 from vlpipe.weights import WeightsError
 
 from .config import BoxConvention
@@ -33,7 +34,7 @@ INSTALL_HELP = (
 )
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(VlpipeError, RuntimeError):
     """An optional backend the user asked for is not installed; the message says how to get it."""
 
 
@@ -48,7 +49,7 @@ def build_detectron2(config, weights, transform, policy, source=None, *, allow_p
     """A `FrcnnExtractor` whose detections come from the detectron2 model of `config`."""
     require_detectron2()
     if config is None:
-        raise ValueError("--impl detectron2 needs --config FILE (a detectron2 yaml config)")
+        raise ConfigError("--impl detectron2 needs --d2-config FILE (a detectron2 yaml config)")
     if weights is not None and str(weights).endswith(".pkl") and not allow_pickle:
         raise WeightsError(
             f"{weights} is a pickle: loading it runs code stored in the file, so vlpipe reads a "

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Extractor
 from vlpipe.weights import WeightsError, resolve_weights_file
 
@@ -116,7 +117,7 @@ class BoxPolicy:
     ) -> BoxPolicy:
         name = name or conventions.box_policy
         if name not in POLICY_DEFAULTS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown box policy {name!r}; expected one of {list(POLICY_DEFAULTS)}"
             )
         given = {"min_boxes": min_boxes, "max_boxes": max_boxes, "conf_threshold": conf_threshold}
@@ -124,7 +125,7 @@ class BoxPolicy:
         unused = sorted(set(given) - set(POLICY_DEFAULTS[name]))
         if unused:
             flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-            raise ValueError(f"box policy {name!r} takes no {flags}")
+            raise ConfigError(f"box policy {name!r} takes no {flags}")
         defaults = dict(POLICY_DEFAULTS[name])
         if name == conventions.box_policy:  # the reference's own counts (HF: MIN/MAX_DETECTIONS)
             defaults.update(min_boxes=conventions.min_boxes, max_boxes=conventions.max_boxes)
@@ -145,9 +146,9 @@ class BoxPolicy:
     def check(self) -> None:
         low = self.min_boxes if self.min_boxes is not None else 1
         if not 1 <= low <= self.max_boxes:
-            raise ValueError(f"need 1 <= --min-boxes <= --max-boxes, got {low}, {self.max_boxes}")
+            raise ConfigError(f"need 1 <= --min-boxes <= --max-boxes, got {low}, {self.max_boxes}")
         if self.conf_threshold is not None and not 0.0 <= self.conf_threshold <= 1.0:
-            raise ValueError(f"--conf-threshold must be in [0, 1], got {self.conf_threshold}")
+            raise ConfigError(f"--conf-threshold must be in [0, 1], got {self.conf_threshold}")
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `select_boxes` for this policy."""
@@ -267,11 +268,11 @@ def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
     moved = sorted(set(kwargs) & set(MOVED_TO_CONVENTIONS))
     if moved:
         hint = ", ".join(f"--frcnn-set {MOVED_TO_CONVENTIONS[k]}=..." for k in moved)
-        raise ValueError(f"--model-kwargs {moved}: test-time settings now go through {hint}")
+        raise ConfigError(f"--model-kwargs {moved}: test-time settings now go through {hint}")
     known = {f.name for f in dataclasses.fields(FrcnnConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"--model-kwargs: unknown FrcnnConfig fields {unknown}; known: {sorted(known)}"
         )
 
@@ -296,7 +297,7 @@ def _user_overrides(
         if value is None:
             continue
         if key in overrides and overrides[key] != value:
-            raise ValueError(f"{flag} {value} and --frcnn-set {key}={overrides[key]} disagree")
+            raise ConfigError(f"{flag} {value} and --frcnn-set {key}={overrides[key]} disagree")
         overrides[key] = value
     return overrides
 
@@ -322,7 +323,9 @@ def load_model(
         )
         return BUTDFasterRCNN(config_from_kwargs(model_kwargs), resolved).eval(), source
     if model_kwargs.get("tiny"):
-        raise ValueError("--model-kwargs 'tiny' builds a random test model; drop it with --weights")
+        raise ConfigError(
+            "--model-kwargs 'tiny' builds a random test model; drop it with --weights"
+        )
     file = resolve_weights_file(weights)  # a clear error before anything is read
     if file.suffix == ".pkl" and not allow_pickle:
         raise WeightsError(
@@ -332,7 +335,7 @@ def load_model(
         )
     config_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
     if isinstance(config_overrides.get("convention"), str):
-        raise ValueError("the box convention comes with the checkpoint; drop 'convention'")
+        raise ConfigError("the box convention comes with the checkpoint; drop 'convention'")
     _check_model_kwargs(config_overrides)
     state_dict, convention = load_checkpoint(weights, allow_pickle=allow_pickle)
     resolved, source = checkpoint_conventions(weights, convention, conventions, overrides=overrides)
@@ -386,9 +389,9 @@ def build_frcnn(
             config, weights, FrcnnTransform(resolved), policy, source, allow_pickle=allow_pickle
         )
     if impl != "native":
-        raise ValueError(f"unknown --impl {impl!r}; expected native or detectron2")
+        raise ConfigError(f"unknown --impl {impl!r}; expected native or detectron2")
     if config is not None:
-        raise ValueError("--config is a detectron2 config file: it needs --impl detectron2")
+        raise ConfigError("--d2-config is a detectron2 config file: it needs --impl detectron2")
     model, source = load_model(
         weights,
         model_kwargs,

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlpipe.errors import ConfigError
+
 from .boxes import batched_nms_convention, nms_convention
 from .model import Detections
 
@@ -194,7 +196,7 @@ def select_boxes(
 ) -> BoxSelection:
     """Apply the policy named `policy` (a key of `POLICIES`) to one image's detections."""
     if policy not in POLICIES:
-        raise ValueError(f"unknown box policy {policy!r}; expected one of {sorted(POLICIES)}")
+        raise ConfigError(f"unknown box policy {policy!r}; expected one of {sorted(POLICIES)}")
     return POLICIES[policy](det, scale=scale, **options)
 
 
