@@ -33,7 +33,6 @@ import base64
 import binascii
 import csv
 import itertools
-import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
@@ -47,6 +46,7 @@ from vlpipe import provenance as prov
 from vlpipe.cache import FIELDS, CacheWriter, FeatureCache, Schema
 from vlpipe.data_manifests.lxmert import image_key_from_lxmert_id
 from vlpipe.errors import ConfigError, InputError
+from vlpipe.io import atomic_write
 
 FORMATS = ("lxmert-tsv", "npz")
 TSV_FIELDS = (
@@ -406,16 +406,13 @@ def export_lxmert_tsv(
         raise InputError(f"{cache_path}: a {cache.kind} cache; only regions caches export to TSV")
     fmt = img_id_format or cache.provenance.get("img_id_format") or "{key}"
     keys = _row_keys(cache)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_write(out) as tmp, open(tmp, "w", newline="") as handle:
         # generate_tsv.py's csv.DictWriter defaults: tab delimiter, "\r\n" line ends
         writer = csv.writer(handle, delimiter="\t", lineterminator="\r\n")
         for start in range(0, cache.num_rows, batch):
             rows = cache.read_rows(np.arange(start, min(start + batch, cache.num_rows)))
             for i in range(len(rows["image_hw"])):
                 writer.writerow(_tsv_row(format_img_id(fmt, keys[start + i]), rows, i))
-    os.replace(tmp, out)
     return cache.num_rows
 
 

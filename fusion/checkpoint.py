@@ -12,7 +12,6 @@ replaced atomically after that. A crash at any point leaves the previous checkpo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpipe.errors import VlpipeError
-from vlpipe.io import write_text_atomic
+from vlpipe.io import atomic_folder, write_text_atomic
 
 LATEST = "LATEST"
 KEEP = 2  # checkpoints kept besides the newest "final"
@@ -40,27 +39,15 @@ def save_checkpoint(
 ) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:07d}"
-    tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "run.json").write_text(json.dumps(dict(meta, step=step), indent=1, default=str))
-    _fsync_tree(tmp)
-    final = run_dir / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_folder(run_dir / name) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "run.json").write_text(json.dumps(dict(meta, step=step), indent=1, default=str))
     write_text_atomic(run_dir / LATEST, name)
-    _prune(run_dir, keep=final)
-    return final
-
-
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    _prune(run_dir, keep=run_dir / name)
+    return run_dir / name
 
 
 def _prune(run_dir: Path, keep: Path) -> None:
@@ -81,6 +68,7 @@ RUN_FILES = (
     "eval_log.jsonl",
     ".eval_log.jsonl.*.tmp",
     "curves.png",
+    ".curves.png.*.tmp",
     "tb",
     "predictions.json",
     "predictions.csv",

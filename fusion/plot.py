@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlpipe.io import atomic_write
+
 PANEL_W, PANEL_H, DPI = 480, 240, 100  # pixels per panel
 
 
@@ -24,8 +26,9 @@ def line_plots(path: Path, series: dict[str, tuple[list[float], list[float]]]) -
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
     return path

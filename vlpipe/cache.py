@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,7 +75,7 @@ from vlpipe.cache_layout import (
     shard_dir,
 )
 from vlpipe.cache_reader import FeatureCache, ShardRecord
-from vlpipe.io import describe_os_error, fsync_dir, quiet_teardown, write_text_atomic
+from vlpipe.io import atomic_write, describe_os_error, publish, quiet_teardown, write_text_atomic
 from vlpipe.provenance import identity_diff, identity_digest, provenance_identity, sha256_file
 
 # The public names of the cache, wherever they are defined.
@@ -194,16 +193,13 @@ class ShardWriter:
     def finish(self) -> Path:
         self.h5.attrs["n_items"] = self.n
         self.h5.flush()
-        fd = self.h5.id.get_vfd_handle()
-        os.fsync(fd)
         self._ds = {}
         self.h5.close()
         # The checksum sits beside the shard (a file cannot hold its own hash); `vlpipe verify`
         # compares it with the bytes on disk. It is written before the rename, so every
         # visible shard has one.
         write_text_atomic(checksum_path(self.final_path), sha256_file(self.tmp_path))
-        os.replace(self.tmp_path, self.final_path)
-        fsync_dir(self.final_path.parent)
+        publish(self.tmp_path, self.final_path)
         return self.final_path
 
     def abort(self) -> None:
@@ -445,14 +441,10 @@ def build_index(path: str | Path, *, then: str = RESUME) -> dict:
         _check_same_run(path, infos[0], info)
     table = index_tables(infos)
     _check_unique(path, table["keys"], shards)
-    tmp = index_tmp(path)
     try:
-        _write_index(tmp, path, infos, table)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        with atomic_write(path, tmp=index_tmp(path)) as tmp:
+            _write_index(tmp, path, infos, table)
     except (OSError, RuntimeError) as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise CacheWriteError(write_error_message(path, "writing the index", err, then)) from err
     return {
         "rows": int(table["offsets"][-1]),
@@ -499,8 +491,6 @@ def _write_index(tmp: Path, path: Path, infos: Sequence[ShardInfo], table: dict)
         links = h5.create_group("shards")
         for name in names:
             links[name] = h5py.ExternalLink(f"{shard_dir(path).name}/{name}", "/")
-        h5.flush()
-        os.fsync(h5.id.get_vfd_handle())
 
 
 def _strings(values: Sequence[str]) -> np.ndarray:

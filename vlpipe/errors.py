@@ -29,3 +29,8 @@ class EvaluationError(VlpipeError, ValueError):
 
 class WeightsError(VlpipeError, RuntimeError):
     """Weights that are missing, unreadable or do not fit the model; names the file and keys."""
+
+
+class PickleRefused(VlpipeError, PermissionError):
+    """A pickle that vlpipe was not allowed to read (unpickling runs code); names the file and
+    --allow-pickle."""

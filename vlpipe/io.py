@@ -1,5 +1,12 @@
-"""Small file helpers shared by the cache, checkpoints and submission files: atomic writes,
-lock files, and what to say about an I/O error."""
+"""Small file helpers shared by the cache, checkpoints, plots and submission files: atomic
+writes, pickles read only when allowed, lock files, and what to say about an I/O error.
+
+Every atomic write goes through a temporary name beside the target: the data is written there,
+fsynced, renamed over the target, and the folder is fsynced, so a reader (or a crash) sees the
+old file or the new one, never half of one. Files get the permissions the process umask gives
+(0o666 & ~umask, as `open` makes them), not mkstemp's 0600, so collaborators on shared storage
+can read a run.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +14,137 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import re
+import secrets
+import shutil
 import socket
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from vlpipe.errors import PickleRefused
+
+# ---- atomic writes ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, *, tmp: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for any writer (text, HDF5, PNG) to fill; when the
+    block ends cleanly the file is fsynced and renamed over `path`, else it is removed.
+
+    `tmp`: a temporary name of the caller's (the writer creates the file); by default an empty
+    `.<name>.<random>.tmp` is created here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tmp) if tmp is not None else _new_temporary(path)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder `.<name>.tmp` beside `path` to fill; when the block ends
+    cleanly every file in it and the folder are fsynced and it replaces `path` (an earlier
+    folder of that name is removed), else it is removed. A temporary folder a killed process
+    left is cleared first."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`:
-    a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `text` (UTF-8, line ends as given) to `path` atomically."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Make a complete temporary file or folder visible as `path`: fsync it (a folder: its
+    files and itself), rename it over `path`, fsync the folder holding both."""
+    if tmp.is_dir():
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                fsync_path(entry)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by name (what a folder fsync makes durable is its entries)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty `.<name>.<random>.tmp` beside `path` with the umask's permissions
+    (mkstemp would give 0600)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path}: no free temporary name beside it")
+
+
+# ---- pickles ------------------------------------------------------------------------------------
+
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+def refuse_pickle(
+    where: str | Path, *, allow_pickle: bool = False, pickled: str | None = None
+) -> None:
+    """Raise PickleRefused naming `where` and --allow-pickle when it is a pickle (a .pkl name,
+    or `pickled`: what of it the caller found pickled) and pickles are not allowed."""
+    if allow_pickle or not (pickled or Path(where).suffix in PICKLE_SUFFIXES):
+        return
+    raise PickleRefused(
+        f"{where}: {pickled or 'a pickle'}, and unpickling runs code stored in the file: "
+        "vlpipe reads one only with --allow-pickle (allow_pickle=True), where a reader takes it "
+        "(Faster R-CNN .pkl checkpoints, `vlpipe import --format npz`); pass it only for files "
+        "you trust"
+    )
+
+
+def load_pickle(path: str | Path, *, allow_pickle: bool) -> object:
+    """Unpickle `path` when pickles are allowed (see `refuse_pickle`); py2-era pickles (the
+    released detectron2 checkpoints) need latin1."""
+    refuse_pickle(path, allow_pickle=allow_pickle, pickled="a pickle")
+    with open(path, "rb") as handle:
+        return pickle.load(handle, encoding="latin1")
+
+
+# ---- locks --------------------------------------------------------------------------------------
 
 
 class LockHeld(Exception):
@@ -104,12 +218,7 @@ def _read_holder(fd: int) -> dict:
         return {}
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# ---- errors -------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
