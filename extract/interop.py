@@ -46,7 +46,7 @@ from vlpipe import provenance as prov
 from vlpipe.cache import FIELDS, CacheWriter, FeatureCache, Schema
 from vlpipe.data_manifests.lxmert import image_key_from_lxmert_id
 from vlpipe.errors import ConfigError, InputError
-from vlpipe.io import atomic_write
+from vlpipe.io import atomic_write, refuse_pickle
 
 FORMATS = ("lxmert-tsv", "npz")
 TSV_FIELDS = (
@@ -195,7 +195,7 @@ def _npz_item(path: Path, allow_pickle: bool) -> RegionItem:
         missing = [k for k in _NPZ_KEYS if k not in data.files]
         if missing:
             raise FeatureFileError(where, f"not a MILVLG feature file: lacks {missing}")
-        info = _npz_info(data, where)
+        info = _npz_info(data, where, allow_pickle)
         arrays = {"image_feats": data["x"], "image_boxes": data["bbox"]}
         n, hw = int(data["num_bbox"]), (int(data["image_h"]), int(data["image_w"]))
     if (
@@ -213,17 +213,14 @@ def _npz_item(path: Path, allow_pickle: bool) -> RegionItem:
     return RegionItem(path.stem, hw, arrays, where)
 
 
-def _npz_info(data, where: str) -> dict[str, Any]:
+def _npz_info(data, where: str, allow_pickle: bool) -> dict[str, Any]:
     if "info" not in data.files:
         raise FeatureFileError(where, "lacks `info` (object / attribute labels)")
     try:
         info = data["info"].item()
-    except ValueError:
-        raise FeatureFileError(
-            where,
-            "`info` is a pickled dict, and unpickling runs code stored in the file: pass "
-            "--allow-pickle if you trust these files",
-        ) from None
+    except ValueError as err:  # numpy refuses a pickled array unless allowed to unpickle
+        refuse_pickle(where, allow_pickle=allow_pickle, pickled="its `info` is a pickled dict")
+        raise FeatureFileError(where, f"`info` is not one dict ({err})") from None
     if not isinstance(info, dict):
         raise FeatureFileError(where, f"`info` is a {type(info).__name__}, expected a dict")
     return info

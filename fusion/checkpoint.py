@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlpipe.errors import VlpipeError
 from vlpipe.io import atomic_folder, write_text_atomic
+from vlpipe.weights import load_into, load_torch, read_state_dict
 
 LATEST = "LATEST"
 KEEP = 2  # checkpoints kept besides the newest "final"
@@ -104,13 +105,8 @@ def load_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    state = load_file(str(ckpt / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RunError(
-            f"{ckpt}: weights do not fit the model: missing {missing[:10]}, "
-            f"unexpected {unexpected[:10]}"
-        )
+    """The checkpoint's weights into `model`, strictly (see `vlpipe.weights.load_into`)."""
+    load_into(model, read_state_dict(ckpt / "model.safetensors"), ckpt / "model.safetensors")
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
@@ -118,4 +114,4 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     if not path.exists():
         raise RunError(f"{ckpt}: no trainer state to resume from")
     # Our own file, but still no arbitrary code: RNG states and optimizer tensors only.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_torch(path)

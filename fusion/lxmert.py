@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from vlpipe.errors import ConfigError
 from vlpipe.fusion.attention import language_only_tail, use_sdpa
 from vlpipe.fusion.heads import head_names
 from vlpipe.tokenizer import BERT_VOCAB_SIZE
-from vlpipe.weights import WeightsError, read_state_dict
+from vlpipe.weights import LoadReport, WeightsError, load_into, read_state_dict
 
 
 @dataclass
@@ -204,34 +203,6 @@ class LxmertCheckpoint:
         return config
 
 
-@dataclass
-class LoadReport:
-    """What a weight loader did. `loaded` / `missing` use the model's names (below `lxmert.`);
-    `unexpected` / `ignored` / `skipped` use the file's names."""
-
-    source: str
-    layout: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # misshapen tensors of a partial load
-    notes: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"{self.source} ({self.layout} layout): loaded {len(self.loaded)} tensors"]
-        groups = (
-            ("missing (model keeps its initial values)", self.missing),
-            ("unexpected (in the file, not in the model; not loaded)", self.unexpected),
-            ("ignored (heads / layers the model does not use)", self.ignored),
-            ("skipped (shape differs; partial load)", self.skipped),
-        )
-        for what, keys in groups:
-            if keys:
-                lines.append(f"  {len(keys)} {what}: {_preview(keys)}")
-        return "\n".join(lines + [f"  {note}" for note in self.notes])
-
-
 def read_lxmert_checkpoint(path: str | Path) -> LxmertCheckpoint:
     """Read any of the LXMERT layouts (see LAYOUTS) and the folder's config.json when present."""
     state = {_canonical(k): v for k, v in read_state_dict(path).items()}
@@ -278,8 +249,17 @@ def load_backbone(
             "model like the checkpoint (e.g. --model-config) or ask for a partial load "
             "(--partial-init)"
         )
-    report = LoadReport(ckpt.source, ckpt.layout, unexpected=list(ckpt.unexpected))
-    report.ignored = list(ckpt.ignored)
+    report = load_into(
+        model.lxmert,
+        ckpt.backbone,
+        ckpt.source,
+        layout=ckpt.layout,
+        strict=strict,
+        partial=partial,
+        prefix=LAYOUTS[ckpt.layout],
+        unexpected=ckpt.unexpected,
+        ignored=ckpt.ignored,
+    )
     if differences:
         report.notes.append(f"partial load: {'; '.join(differences)}")
     if "heads" not in ckpt.arch:
@@ -287,11 +267,6 @@ def load_backbone(
             f"attention heads: not recorded in the file (no config.json); "
             f"the model's {model.config.heads} assumed"
         )
-    prefix = LAYOUTS[ckpt.layout]
-    expected = model.lxmert.state_dict().keys()
-    _copy_into(model.lxmert, ckpt.backbone, report, expected, prefix, skip_misshapen=partial)
-    if strict and (report.missing or report.unexpected):
-        raise WeightsError(f"strict load failed:\n{report}")
     return report
 
 
@@ -313,16 +288,15 @@ def load_bert_language(model: LxmertFusion, bert_folder: str | Path) -> LoadRepo
     if any(k.startswith("bert.") for k in state):  # BertForPreTraining / old BERT releases
         state = {k.removeprefix("bert."): v for k, v in state.items()}
     _check_hidden(state, model.config.hidden, bert_folder)
-    target = model.lxmert.state_dict()
-    language = [k for k in target if _is_language_key(k, model.config.l_layers)]
-    mapped, report = {}, LoadReport(str(bert_folder), "bert")
-    for key, value in state.items():
-        if _is_language_key(key, model.config.l_layers) and key in target:
-            mapped[key] = value
-        else:
-            report.ignored.append(key)
-    _copy_into(model.lxmert, mapped, report, language)
-    return report
+    l_layers = model.config.l_layers
+    return load_into(
+        model.lxmert,
+        state,
+        bert_folder,
+        layout="bert",
+        strict=False,
+        ignore=lambda key: not _is_language_key(key, l_layers),
+    )
 
 
 def _detect_layout(state: dict[str, torch.Tensor], path: str | Path) -> str:
@@ -420,37 +394,3 @@ def _check_hidden(state: dict[str, torch.Tensor], hidden: int, path: str | Path)
             f"{path}: BERT hidden size {words.shape[1]} does not match the "
             f"LXMERT hidden size {hidden}"
         )
-
-
-def _copy_into(
-    target: nn.Module,
-    mapped: dict[str, torch.Tensor],
-    report: LoadReport,
-    expected: Iterable[str],
-    prefix: str = "",
-    skip_misshapen: bool = False,
-) -> None:
-    """Copy `mapped` (target's names; the file's names less `prefix`) into `target` after
-    checking every shape; fills the report's loaded / missing / unexpected / skipped lists."""
-    own = target.state_dict()
-    report.unexpected += sorted(prefix + k for k in mapped if k not in own)
-    known = {k: v for k, v in mapped.items() if k in own}
-    wrong = {k for k, v in known.items() if v.shape != own[k].shape}
-    shapes = [
-        f"{k}: file {tuple(known[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(wrong)
-    ]
-    if wrong and not skip_misshapen:
-        raise WeightsError(
-            f"{report.source}: {len(wrong)} tensors do not fit the model "
-            f"({report.layout} layout): {_preview(shapes)}"
-        )
-    report.skipped = sorted(prefix + k for k in wrong)
-    known = {k: v for k, v in known.items() if k not in wrong}
-    target.load_state_dict(known, strict=False)
-    report.loaded = sorted(known)
-    report.missing = sorted(k for k in expected if k not in known)
-
-
-def _preview(keys: list[str], limit: int = 8) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more

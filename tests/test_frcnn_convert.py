@@ -15,17 +15,17 @@ import torch
 from vlpipe.extract.frcnn import (
     BoxConvention,
     BUTDFasterRCNN,
-    CheckpointMismatchError,
     FrcnnConfig,
     build_from_checkpoint,
     config_from_state_dict,
     convert_caffe_state_dict,
     detect,
     load_checkpoint,
-    load_into,
-    sha256_file,
+    load_frcnn_state,
 )
 from vlpipe.extract.frcnn.conventions import CAFFE, TINY_SETTINGS
+from vlpipe.provenance import weights_record
+from vlpipe.weights import WeightsMismatchError
 
 ANCHORS = "proposal_generator.anchor_generator.cell_anchors.0"
 RPN = "proposal_generator.rpn_head."
@@ -136,7 +136,7 @@ def test_full_size_hf_state_dict_loads():
     state_dict, convention = _meta(hf_layout()), BoxConvention.detectron2()
     from vlpipe.extract.frcnn.convert import convert_detectron2_state_dict
 
-    load_into(model, convert_detectron2_state_dict(state_dict), source="hf")
+    load_frcnn_state(model, convert_detectron2_state_dict(state_dict), source="hf")
     assert convention.box_weights == (10.0, 10.0, 5.0, 5.0)
 
 
@@ -145,7 +145,7 @@ def test_full_size_milvlg_state_dict_converts_to_model_shapes():
     model = _full_meta_model(BoxConvention.caffe())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != ANCHORS}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
-    load_into(model, converted, source="bua-caffe-frcn-r101-k36.pth")
+    load_frcnn_state(model, converted, source="bua-caffe-frcn-r101-k36.pth")
     config = config_from_state_dict(converted, BoxConvention.caffe())
     assert config == FrcnnConfig(convention=BoxConvention.caffe())
 
@@ -160,7 +160,7 @@ def test_hf_folder_round_trip(tmp_path):
     state_dict, convention = load_checkpoint(tmp_path)
     assert convention == BoxConvention.detectron2()
     target = _tiny(1)
-    load_into(target, state_dict, source=str(tmp_path))
+    load_frcnn_state(target, state_dict, source=str(tmp_path))
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     image = torch.randn(3, 64, 96) * 60
@@ -179,7 +179,9 @@ def test_detectron2_pickle_needs_permission_and_round_trips(tmp_path):
     state_dict, convention = load_checkpoint(path, allow_pickle=True)
     assert convention == BoxConvention.detectron2() and ANCHORS not in state_dict
     target = _tiny(1)
-    load_into(target, state_dict, source=str(path))  # anchors: the model's own (same convention)
+    load_frcnn_state(
+        target, state_dict, source=str(path)
+    )  # anchors: the model's own (same convention)
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
 
@@ -210,7 +212,7 @@ def test_milvlg_pth_round_trip(tmp_path):
     state_dict, convention = load_checkpoint(path)
     assert convention == BoxConvention.caffe()
     target = _tiny(1, BoxConvention.caffe())
-    load_into(target, state_dict, source=str(path))
+    load_frcnn_state(target, state_dict, source=str(path))
     for key, value in source.state_dict().items():
         if key != ANCHORS:
             torch.testing.assert_close(target.state_dict()[key], value, msg=key)
@@ -277,20 +279,20 @@ def test_mismatched_checkpoint_names_file_and_keys(tmp_path):
     path = tmp_path / "broken.pth"
     torch.save(state_dict, path)
     loaded, _ = load_checkpoint(path)
-    with pytest.raises(CheckpointMismatchError) as info:
-        load_into(_tiny(1), loaded, source=str(path))
+    with pytest.raises(WeightsMismatchError) as info:
+        load_frcnn_state(_tiny(1), loaded, source=str(path))
     message = str(info.value)
     assert str(path) in message
-    assert "missing keys (1): backbone.res3.0.conv2.weight" in message
-    assert "unexpected keys (1): roi_heads.box_predictor.extra.weight" in message
-    assert "cls_score.bias: checkpoint (99,) vs model (8,)" in message
+    assert "1 missing: backbone.res3.0.conv2.weight" in message
+    assert "1 unexpected: roi_heads.box_predictor.extra.weight" in message
+    assert "cls_score.bias: file (99,) vs model (8,)" in message
 
 
 def test_sha256_of_file_and_folder(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"abc" * 1000)
     expected = hashlib.sha256(b"abc" * 1000).hexdigest()
-    assert sha256_file(tmp_path / "pytorch_model.bin", chunk_bytes=7) == expected
-    assert sha256_file(tmp_path) == expected
+    assert weights_record(tmp_path / "pytorch_model.bin")["weights_sha256"] == expected
+    assert weights_record(tmp_path)["weights_sha256"] == expected
 
 
 def test_config_from_tiny_state_dict():

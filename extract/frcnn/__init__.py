@@ -24,15 +24,13 @@ from .conventions import (
     resolve_conventions,
 )
 from .convert import (
-    CheckpointMismatchError,
     build_from_checkpoint,
     config_from_state_dict,
     convert_caffe_state_dict,
     convert_detectron2_state_dict,
     default_conventions,
     load_checkpoint,
-    load_into,
-    sha256_file,
+    load_frcnn_state,
 )
 from .model import BUTDFasterRCNN, Detections, detect
 from .preprocess import PIXEL_MEAN_BGR, ResizePlan, preprocess, resize_plan
@@ -45,7 +43,6 @@ __all__ = [
     "BUTDFasterRCNN",
     "BoxConvention",
     "BoxSelection",
-    "CheckpointMismatchError",
     "Detections",
     "FrcnnConfig",
     "FrcnnConventions",
@@ -58,7 +55,7 @@ __all__ = [
     "default_conventions",
     "detect",
     "load_checkpoint",
-    "load_into",
+    "load_frcnn_state",
     "parse_overrides",
     "per_class_max_score",
     "preprocess",
@@ -66,5 +63,4 @@ __all__ = [
     "resize_plan",
     "resolve_conventions",
     "select_boxes",
-    "sha256_file",
 ]

@@ -14,7 +14,8 @@
   BatchNorm `num_batches_tracked` dropped (the stats become frozen-norm buffers as they are).
   "+1" widths, (1, 1, 1, 1) weights and Caffe anchors are carried by the returned convention.
 
-Every loader returns `(state_dict, BoxConvention)`; `load_into` checks names and shapes. An HF
+Every loader returns `(state_dict, BoxConvention)`; `load_frcnn_state` checks names and shapes
+(`vlpipe.weights.load_into`). An HF
 folder's config.yaml is read (yaml.safe_load) for the delta weights it states; its test-time
 values are the `hf` conventions' business (conventions.py). `default_conventions` names the
 test-time set each kind of checkpoint defaults to.
@@ -22,8 +23,6 @@ test-time set each kind of checkpoint defaults to.
 
 from __future__ import annotations
 
-import hashlib
-import pickle
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlpipe.errors import WeightsError
+from vlpipe.io import load_pickle
+from vlpipe.weights import LoadReport, load_into, read_state_dict, state_dict_of
 
 from .config import BoxConvention, FrcnnConfig
 from .conventions import (
@@ -51,14 +51,9 @@ _CAFFE_RENAMES = {
     "attr_linear1.": "fc_attr.",
     "attr_linear2.": "attr_score.",
 }
-HF_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 HF_CONFIG_FILE = "config.yaml"
 
 StateDict = dict[str, Tensor]
-
-
-class CheckpointMismatchError(WeightsError, ValueError):
-    """A checkpoint's keys or shapes do not fit the model."""
 
 
 def _tensors(raw: Mapping[str, object]) -> StateDict:
@@ -146,73 +141,16 @@ def config_from_state_dict(
     return FrcnnConfig(**inferred)
 
 
-def load_into(
+def load_frcnn_state(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "state dict"
-) -> None:
-    """Copy `state_dict` into `model`, or raise `CheckpointMismatchError` naming `source` and
-    every missing, unexpected and wrongly shaped key. The cell anchors may be absent (then the
-    model keeps the ones its box convention generated)."""
-    expected = model.state_dict()
+) -> LoadReport:
+    """Copy `state_dict` into `model` (strictly: see `vlpipe.weights.load_into`). The cell
+    anchors may be absent (then the model keeps the ones its box convention generated)."""
     provided = dict(state_dict)
+    expected = model.state_dict()
     if ANCHOR_KEY in expected:
         provided.setdefault(ANCHOR_KEY, expected[ANCHOR_KEY])
-    problems = _mismatches(expected, provided)
-    if problems:
-        raise CheckpointMismatchError(f"{source} does not fit the model:\n" + "\n".join(problems))
-    model.load_state_dict(provided, strict=True)
-
-
-def _mismatches(expected: Mapping[str, Tensor], provided: Mapping[str, Tensor]) -> list[str]:
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in provided.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    groups = {
-        "missing keys": sorted(expected.keys() - provided.keys()),
-        "unexpected keys": sorted(provided.keys() - expected.keys()),
-        "shape mismatches": shapes,
-    }
-    return [
-        f"  {title} ({len(items)}): {_listing(items)}" for title, items in groups.items() if items
-    ]
-
-
-def _listing(items: list[str], limit: int = 20) -> str:
-    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def weights_file(path: str | Path) -> Path:
-    """The weights file itself: `path`, or the HF weights file inside a folder."""
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    for name in HF_WEIGHT_FILES:
-        if (path / name).is_file():
-            return path / name
-    raise WeightsError(f"{path} holds none of {', '.join(HF_WEIGHT_FILES)}")
-
-
-def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of the weights file (of the HF weights file for a folder)."""
-    digest = hashlib.sha256()
-    with open(weights_file(path), "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _unwrap(obj: object, path: Path) -> Mapping[str, object]:
-    # Trainers save {"model": state_dict, ...}; bare state dicts are fine too.
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    keys = list(obj)
-    if keys and all(k.startswith("module.") for k in keys):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
+    return load_into(model, provided, source)
 
 
 def hf_config_file(path: str | Path) -> Path | None:
@@ -222,34 +160,27 @@ def hf_config_file(path: str | Path) -> Path | None:
 
 
 def load_hf_folder(path: str | Path) -> tuple[StateDict, BoxConvention]:
-    """`unc-nlp/frcnn-vg-finetuned`-style folder (pytorch_model.bin or model.safetensors, and
+    """`unc-nlp/frcnn-vg-finetuned`-style folder (model.safetensors or pytorch_model.bin, and
     config.yaml, whose ROI_BOX_HEAD / RPN BBOX_REG_WEIGHTS are honoured when present)."""
-    file = weights_file(path)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(file))
-    else:
-        raw = torch.load(file, map_location="cpu", weights_only=True)
     convention = BoxConvention.detectron2()
     config = hf_config_file(path)
     if config is not None:
         convention = replace(convention, **hf_config_box_weights(read_hf_config(config)))
-    return convert_detectron2_state_dict(_unwrap(raw, file)), convention
+    return convert_detectron2_state_dict(read_state_dict(path)), convention
 
 
-def load_detectron2_pickle(path: str | Path) -> tuple[StateDict, BoxConvention]:
-    """py-bottom-up-attention .pkl. Unpickling executes code: only call it on a file you trust."""
-    path = Path(path)
-    with open(path, "rb") as handle:
-        raw = pickle.load(handle, encoding="latin1")  # py2-era pickles need latin1
-    return convert_detectron2_state_dict(_unwrap(raw, path)), BoxConvention.detectron2()
+def load_detectron2_pickle(
+    path: str | Path, *, allow_pickle: bool = False
+) -> tuple[StateDict, BoxConvention]:
+    """py-bottom-up-attention .pkl, only with `allow_pickle` (unpickling executes code: only
+    for a file you trust)."""
+    raw = state_dict_of(load_pickle(path, allow_pickle=allow_pickle), path)
+    return convert_detectron2_state_dict(raw), BoxConvention.detectron2()
 
 
 def load_torch_file(path: str | Path) -> tuple[StateDict, BoxConvention]:
     """A .pth / .pt / .bin state dict; the layout (MILVLG Caffe or HF) is read off the keys."""
-    path = Path(path)
-    raw = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    raw = read_state_dict(path)
     if is_caffe_layout(raw):
         return convert_caffe_state_dict(raw), BoxConvention.caffe()
     return convert_detectron2_state_dict(raw), BoxConvention.detectron2()
@@ -267,12 +198,7 @@ def load_checkpoint(
     if path.is_dir():
         return load_hf_folder(path)
     if path.suffix == ".pkl":
-        if not allow_pickle:
-            raise PermissionError(
-                f"{path} is a pickle, and unpickling runs code from the file; pass "
-                "allow_pickle=True only for a file you trust"
-            )
-        return load_detectron2_pickle(path)
+        return load_detectron2_pickle(path, allow_pickle=allow_pickle)
     return load_torch_file(path)
 
 
@@ -315,7 +241,7 @@ def model_from_state_dict(
     from .model import BUTDFasterRCNN
 
     model = BUTDFasterRCNN(config_from_state_dict(state_dict, convention, **overrides), conventions)
-    load_into(model, state_dict, source=source)
+    load_frcnn_state(model, state_dict, source=source)
     return model.eval()
 
 

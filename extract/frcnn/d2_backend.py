@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vlpipe.errors import ConfigError, VlpipeError
-from vlpipe.weights import WeightsError
+from vlpipe.io import refuse_pickle
 
 from .config import BoxConvention
 from .extractor import FrcnnExtractor
@@ -50,11 +50,8 @@ def build_detectron2(config, weights, transform, policy, source=None, *, allow_p
     require_detectron2()
     if config is None:
         raise ConfigError("--impl detectron2 needs --d2-config FILE (a detectron2 yaml config)")
-    if weights is not None and str(weights).endswith(".pkl") and not allow_pickle:
-        raise WeightsError(
-            f"{weights} is a pickle: loading it runs code stored in the file, so vlpipe reads a "
-            ".pkl only when you pass --allow-pickle"
-        )
+    if weights is not None:
+        refuse_pickle(weights, allow_pickle=allow_pickle)
     cfg = _config(Path(config), weights)
     model = _model(cfg)
     return Detectron2Extractor(

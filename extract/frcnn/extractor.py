@@ -28,7 +28,8 @@ from torch import Tensor
 
 from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Extractor
-from vlpipe.weights import WeightsError, resolve_weights_file
+from vlpipe.io import refuse_pickle
+from vlpipe.weights import resolve_weights_file
 
 from .config import BoxConvention, FrcnnConfig
 from .conventions import (
@@ -326,13 +327,7 @@ def load_model(
         raise ConfigError(
             "--model-kwargs 'tiny' builds a random test model; drop it with --weights"
         )
-    file = resolve_weights_file(weights)  # a clear error before anything is read
-    if file.suffix == ".pkl" and not allow_pickle:
-        raise WeightsError(
-            f"{file} is a pickle: loading it runs code stored in the file, so vlpipe reads a "
-            ".pkl only when you pass --allow-pickle. Pass it if you trust this file (e.g. "
-            "py-bottom-up-attention's faster_rcnn_from_caffe_attr.pkl)."
-        )
+    refuse_pickle(resolve_weights_file(weights), allow_pickle=allow_pickle)  # before any work
     config_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
     if isinstance(config_overrides.get("convention"), str):
         raise ConfigError("the box convention comes with the checkpoint; drop 'convention'")
