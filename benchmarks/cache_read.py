@@ -41,13 +41,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from vlpipe.cache import CacheWriter, FeatureCache, Schema
+from vlpipe.cache import CacheWriter, FeatureCache, Schema, region_shapes
 from vlpipe.extract.runner import _default_shard_items
 
-REGION_SHAPES = {
-    "image_feats": (36, 2048), "image_boxes": (36, 4), "image_mask": (36,), "image_hw": (2,),
-    "obj_ids": (36,), "obj_conf": (36,), "attr_ids": (36,), "attr_conf": (36,),
-}  # fmt: skip
+REGION_SHAPES = region_shapes(36, 2048)
 PATCH_SHAPES = {"image_feats": (196, 768), "image_cls": (768,), "image_hw": (2,)}
 SCHEMAS = {
     "regions": Schema.build("regions", REGION_SHAPES, "float16"),

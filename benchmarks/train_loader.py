@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlpipe.cache import CacheWriter, Schema
+from vlpipe.cache import CacheWriter, Schema, region_shapes
 from vlpipe.data_manifests.base import TextRecord
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, TaskDataset
@@ -36,16 +36,7 @@ K, D = 36, 2048
 
 def write_cache(path: Path, n: int) -> list[str]:
     rng = np.random.default_rng(0)
-    shapes = {
-        "image_feats": (K, D),
-        "image_hw": (2,),
-        "image_boxes": (K, 4),
-        "image_mask": (K,),
-        "obj_ids": (K,),
-        "obj_conf": (K,),
-        "attr_ids": (K,),
-        "attr_conf": (K,),
-    }
+    shapes = region_shapes(K, D)
     schema = Schema.build("regions", shapes, "float16")
     keys = [str(i) for i in range(n)]
     with CacheWriter(path, schema, {"backbone": "frcnn"}, shard_items=2000) as writer:

@@ -28,8 +28,18 @@ from .base import ImageRecord, apply_limit, natural_key
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
-# COCO_train2014_000000458752 (2014/2015 names) or 000000458752 (2017 names).
-_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+\d{4}_)?(\d+)")
+# A COCO image name: COCO_train2014_000000458752 (2014/2015 file names, LXMERT's img_id) or
+# 000000458752 (2017 file names); the number is the image id.
+COCO_NAME = re.compile(r"(?P<prefix>COCO_[A-Za-z0-9]+_)?(?P<id>\d+)")
+
+
+def coco_image_id(name: str, *, prefixed: bool = False) -> int | None:
+    """The image id of a COCO name: "COCO_val2014_000000262148" -> 262148, "000000262148" ->
+    262148 too unless `prefixed`; None for any other name."""
+    match = COCO_NAME.fullmatch(name)
+    if match is None or (prefixed and not match["prefix"]):
+        return None
+    return int(match["id"])
 
 
 def is_image_file(path: Path) -> bool:
@@ -57,9 +67,9 @@ def coco(root: Path, split: str | None = None, limit: int | None = None) -> list
     base = _split_dir(Path(root), split, "COCO_<split>_<id>.jpg or <id>.jpg files")
     pairs = []
     for path in _scan(base, recursive=False):
-        match = _COCO_STEM.fullmatch(path.stem)
-        if match:
-            pairs.append((str(int(match.group(1))), path))
+        image_id = coco_image_id(path.stem)
+        if image_id is not None:
+            pairs.append((str(image_id), path))
     return _records(pairs, limit)
 
 

@@ -12,13 +12,12 @@ and "labelled" when the item has a label (possibly empty: it still counts, scori
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from .base import AnnotationError, TextRecord, apply_limit, get_field, load_json
+from .images import coco_image_id
 
-_COCO_ID = re.compile(r"COCO_[A-Za-z0-9]+_(\d+)")
 _EXTRA_FIELDS = ("answer_type", "question_type")
 
 
@@ -28,8 +27,8 @@ def image_key_from_lxmert_id(img_id: str) -> str:
     COCO ids lose their prefix and zero padding, as in the `coco` image listing; anything else
     (GQA "2370799" / "n161313", NLVR2 "dev-850-0-img0") is already a key and is returned as is.
     """
-    match = _COCO_ID.fullmatch(img_id)
-    return str(int(match.group(1))) if match else img_id
+    image_id = coco_image_id(img_id, prefixed=True)
+    return str(image_id) if image_id is not None else img_id
 
 
 def read_lxmert(path: str | Path, limit: int | None = None) -> list[TextRecord]:

@@ -33,7 +33,6 @@ import base64
 import binascii
 import csv
 import itertools
-import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from vlpipe import provenance as prov
-from vlpipe.cache import FIELDS, CacheWriter, FeatureCache, Schema
+from vlpipe.cache import FIELDS, CacheWriter, FeatureCache, Schema, region_shapes
+from vlpipe.data_manifests.images import COCO_NAME
 from vlpipe.data_manifests.lxmert import image_key_from_lxmert_id
 from vlpipe.errors import ConfigError, InputError
 from vlpipe.io import atomic_write, refuse_pickle
@@ -68,7 +68,6 @@ PER_BOX = {
     "attrs_id": ("<i8", "attr_ids"),
     "attrs_conf": ("<f4", "attr_conf"),
 }
-_COCO_ID = re.compile(r"(COCO_[A-Za-z0-9]+_)(\d+)")
 # A 100-box float32 row is ~1.1 MB of base64, far over csv's 128 KiB default field limit.
 _FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
@@ -251,8 +250,10 @@ def _npz_max_boxes(folder: str | Path) -> int:
 
 def infer_id_format(img_id: str, verbatim: bool) -> str:
     """The format that rebuilds img_id from its cache key (see the module docstring)."""
-    match = None if verbatim else _COCO_ID.fullmatch(img_id)
-    return f"{match.group(1)}{{num:0{len(match.group(2))}d}}" if match else "{key}"
+    match = None if verbatim else COCO_NAME.fullmatch(img_id)
+    if match is None or not match["prefix"]:
+        return "{key}"
+    return f"{match['prefix']}{{num:0{len(match['id'])}d}}"
 
 
 def format_img_id(fmt: str, key: str) -> str:
@@ -297,7 +298,7 @@ def import_features(
         raise FeatureFileError(first.where, "first image has no boxes: pass --max-boxes")
     summary = ImportSummary(str(out), max_boxes=k, feature_dim=dim)
     summary.img_id_format = infer_id_format(first.img_id, opts.verbatim_keys)
-    schema = Schema.build("regions", _region_shapes(k, dim), opts.dtype)
+    schema = Schema.build("regions", region_shapes(k, dim), opts.dtype)
     provenance = _import_provenance(fmt, Path(source), opts, summary)
     with CacheWriter(
         out,
@@ -309,16 +310,6 @@ def import_features(
     ) as writer:
         _write_items(itertools.chain([first], items), writer, summary, opts)
     return summary
-
-
-def _region_shapes(k: int, dim: int) -> dict[str, tuple[int, ...]]:
-    per_box = ("image_mask", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
-    return {
-        "image_feats": (k, dim),
-        "image_boxes": (k, 4),
-        "image_hw": (2,),
-        **{name: (k,) for name in per_box},
-    }
 
 
 def _write_items(
@@ -351,7 +342,7 @@ def _padded(
     # float32 / int64 / bool as in the files; the writer casts features to the cache dtype
     out = {
         name: np.zeros((len(batch), *shape), FIELDS[name][0] or "float32")
-        for name, shape in _region_shapes(k, dim).items()
+        for name, shape in region_shapes(k, dim).items()
     }
     out["image_hw"] = np.array([item.hw for _, item in batch], dtype=np.int32)
     for i, (_, item) in enumerate(batch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpipe.cache import CacheWriter, Schema
+from vlpipe.cache import CacheWriter, Schema, region_shapes
 from vlpipe.data_manifests.base import TextRecord
 
 PROV = {"backbone": "vit", "weights_sha256": "x", "preprocessing": {"grid": [2, 2]}}
@@ -33,16 +33,7 @@ def image_cache(
     for i in range(n):
         feats[i, :, i % 3] += 2.0
     if kind == "regions":
-        shapes = {
-            "image_feats": (4, dim),
-            "image_hw": (2,),
-            "image_boxes": (4, 4),
-            "image_mask": (4,),
-            "obj_ids": (4,),
-            "obj_conf": (4,),
-            "attr_ids": (4,),
-            "attr_conf": (4,),
-        }
+        shapes = region_shapes(4, dim)
         arrays = {
             "image_feats": feats,
             "image_hw": np.tile([[30, 40]], (n, 1)),

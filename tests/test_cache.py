@@ -17,19 +17,11 @@ from vlpipe.cache import (
     Schema,
     build_index,
     complete_shards,
+    region_shapes,
     shard_dir,
 )
 
-REGION_SHAPES = {
-    "image_feats": (36, 16),
-    "image_hw": (2,),
-    "image_boxes": (36, 4),
-    "image_mask": (36,),
-    "obj_ids": (36,),
-    "obj_conf": (36,),
-    "attr_ids": (36,),
-    "attr_conf": (36,),
-}
+REGION_SHAPES = region_shapes(36, 16)
 PROV = {"backbone": "test", "model": {"arch": "x"}, "weights_sha256": "abc", "dataset": "d"}
 
 

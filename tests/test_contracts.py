@@ -9,13 +9,11 @@ import shutil
 import pytest
 
 from tests.conftest import TINY_BERT, TINY_VIT_ARGS, vlpipe, write_image
-from vlpipe.cache import FeatureCache, Schema
+from vlpipe.cache import FeatureCache, Schema, region_shapes
 
 
 def test_schema_declares_facts_per_kind():
-    regions = {"image_feats": (4, 8), "image_hw": (2,), "image_boxes": (4, 4), "image_mask": (4,)}
-    regions |= {"obj_ids": (4,), "obj_conf": (4,), "attr_ids": (4,), "attr_conf": (4,)}
-    assert Schema.build("regions", regions, "float16").facts == {"box_unit": "pixels"}
+    assert Schema.build("regions", region_shapes(4, 8), "float16").facts == {"box_unit": "pixels"}
     patches = {"image_cls": (8,), "image_hw": (2,), "image_feats": (4, 8)}
     assert Schema.build("patches", patches, "float16", {"grid": [2, 2]}).facts == {"grid": [2, 2]}
     with pytest.raises(ValueError, match="vocab_sha256.*not declared for this kind"):

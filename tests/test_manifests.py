@@ -409,6 +409,21 @@ def test_image_key_from_lxmert_id() -> None:
         assert image_key_from_lxmert_id(unchanged) == unchanged
 
 
+def test_one_coco_name_rule_for_files_lxmert_ids_and_imports() -> None:
+    from vlpipe.data_manifests.images import coco_image_id
+    from vlpipe.extract.interop import infer_id_format
+
+    assert coco_image_id("COCO_val2014_000000262148") == 262148
+    assert coco_image_id("000000262148") == 262148  # 2017 file names
+    assert coco_image_id("000000262148", prefixed=True) is None  # a GQA id stays as it is
+    for other in ("n161313", "COCO_x", "dev-850-0-img0", "COCO_val2014_"):
+        assert coco_image_id(other) is None
+    assert infer_id_format("COCO_val2014_000000262148", verbatim=False) == (
+        "COCO_val2014_{num:012d}"
+    )
+    assert infer_id_format("2370799", verbatim=False) == "{key}"
+
+
 def test_lxmert_vqa_and_gqa_json(tmp_path: Path) -> None:
     vqa = [
         {

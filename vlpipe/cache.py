@@ -55,6 +55,7 @@ from vlpipe.cache_format import (
     index_tables,
     read_shard,
     read_shard_keys,
+    region_shapes,
     shard_checksum,
     storable,
 )
@@ -64,11 +65,11 @@ from vlpipe.cache_layout import (
     CacheError,
     CacheWriteError,
     check_links,
+    check_replaceable,
     check_target,
     checksum_path,
     clean_stale,
     complete_shards,
-    index_state,
     index_tmp,
     lock_writer,
     remove_cache,
@@ -102,6 +103,7 @@ __all__ = [
     "provenance_identity",
     "read_shard",
     "read_shard_keys",
+    "region_shapes",
     "shard_dir",
     "storable",
 ]
@@ -434,8 +436,7 @@ def build_index(path: str | Path, *, then: str = RESUME) -> dict:
     shards = complete_shards(path)
     if not shards:
         raise CacheError(f"{path}: no complete shards in {shard_dir(path)}")
-    if index_state(path) == "foreign":
-        raise CacheError(f"{path} exists and is not a vlpipe index; it is not replaced")
+    check_replaceable(path)
     infos = [read_shard(s) for s in shards]
     for info in infos[1:]:
         _check_same_run(path, infos[0], info)

@@ -39,6 +39,7 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "text_mask": ("bool", "L attention mask"),
     "text": ("str", "the text that was encoded"),
 }
+# The per-region fields of a `regions` cache, K rows each (`region_shapes` gives their shapes).
 REGION_FIELDS = ("image_boxes", "image_mask", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
 # Which fields each kind of cache may hold; `required` ones must always be present.
 KINDS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -51,6 +52,14 @@ KINDS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 STR = h5py.string_dtype("utf-8")
+
+
+def region_shapes(max_boxes: int, feature_dim: int) -> dict[str, tuple[int, ...]]:
+    """Per-item shapes of a `regions` cache: K = max_boxes regions of D = feature_dim
+    features. The order is the one shards record in their schema."""
+    k = max_boxes
+    shapes = {"image_feats": (k, feature_dim), "image_boxes": (k, 4), "image_hw": (2,)}
+    return shapes | {name: (k,) for name in REGION_FIELDS if name not in shapes}
 
 
 # Facts a later stage needs about a cache's fields, declared with the schema (not dug out of

@@ -123,18 +123,25 @@ def foreign_entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() or not ours(p.name))
 
 
-def check_target(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse, naming the file, to write a cache at `path` unless what is there is a vlpipe
-    cache that --resume continues or --overwrite replaces (or nothing is there)."""
-    folder = shard_dir(path)
+def check_replaceable(path: Path) -> str:
+    """The `index_state` of `path`; a file there that is not a vlpipe index is an error naming
+    it (vlpipe replaces only its own caches)."""
     state = index_state(path)
-    if folder.exists() and not folder.is_dir():
-        raise CacheError(f"{folder} exists and is not a folder; choose another --out")
     if state == "foreign":
         raise CacheError(
             f"{path} exists and is not a vlpipe cache (no vlpipe schema attributes); vlpipe "
             "replaces only its own caches: choose another --out or move the file away"
         )
+    return state
+
+
+def check_target(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, naming the file, to write a cache at `path` unless what is there is a vlpipe
+    cache that --resume continues or --overwrite replaces (or nothing is there)."""
+    folder = shard_dir(path)
+    state = check_replaceable(path)
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(f"{folder} exists and is not a folder; choose another --out")
     foreign = foreign_entries(folder)
     if foreign:
         names = ", ".join(p.name for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")

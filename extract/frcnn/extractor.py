@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vlpipe.cache import region_shapes
 from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Extractor
 from vlpipe.io import refuse_pickle
@@ -204,14 +205,7 @@ class FrcnnExtractor(Extractor):
         return self.transform.conventions
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        k = self.policy.max_boxes
-        per_box = ("image_mask", "obj_ids", "obj_conf", "attr_ids", "attr_conf")
-        return {
-            "image_feats": (k, self.feature_dim),
-            "image_boxes": (k, 4),
-            "image_hw": (2,),
-            **{name: (k,) for name in per_box},
-        }
+        return region_shapes(self.policy.max_boxes, self.feature_dim)
 
     def detect(self, images: list[Tensor], scales: list[float]):
         """One `Detections` per image (the detectron2 backend overrides this)."""
