@@ -34,6 +34,7 @@ import torch
 from vlpipe.cache import Schema
 from vlpipe.data_manifests import registry
 from vlpipe.extract import runner
+from vlpipe.extract.base import Batch
 from vlpipe.pipelines.extract_job import build_from_job, resolve_extract
 
 
@@ -79,11 +80,14 @@ def sync(device: torch.device) -> None:
 
 
 def preload(records: list, extractor, batch_size: int, device: torch.device) -> list:
-    """Decode + transform with the pipeline's own item code, stack, move to the device."""
-    items = runner.ImageItems(records, extractor.transform)
-    pixels = [items[i]["pixels"] for i in range(len(items))]
-    batches = [torch.stack(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
-    return [b.to(device) for b in batches]
+    """Decode + transform with the pipeline's own item code, move to the device, batch."""
+    items = [runner.ImageItems(records, extractor.transform)[i] for i in range(len(records))]
+    pixels = [item["pixels"].to(device) for item in items]
+    hw = [item["hw"] for item in items]
+    return [
+        Batch(pixels[i : i + batch_size], hw[i : i + batch_size])
+        for i in range(0, len(items), batch_size)
+    ]
 
 
 def time_bare(extractor, batches: list, device: torch.device, precision: str) -> tuple:

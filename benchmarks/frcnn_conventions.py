@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from vlpipe.extract.base import Batch
 from vlpipe.extract.frcnn import BUTDFasterRCNN, FrcnnConfig
 from vlpipe.extract.frcnn.conventions import CAFFE, HF, FrcnnConventions
 from vlpipe.extract.frcnn.extractor import BoxPolicy, FrcnnExtractor, FrcnnTransform
@@ -83,9 +84,11 @@ def run(conventions: FrcnnConventions, images, regions=None) -> list[dict]:
         hw = (image.height, image.width)
         with torch.inference_mode():
             pixels = transform(image)
-            out = ext.encode([pixels], [hw])
+            out = ext.encode(Batch([pixels], [hw]))
             k = int(out["image_mask"][0].sum())
-            row = {name: v[0, :k] for name, v in out.items() if name != "image_mask"}
+            row = {
+                name: v[0, :k] for name, v in out.items() if name not in ("image_mask", "image_hw")
+            }
             boxes = (regions[i] if regions else row)["image_boxes"]
             sy, sx = transform.plan(*hw).box_scale
             fmap = model.backbone(pixels[None])

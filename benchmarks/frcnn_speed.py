@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlpipe.extract.base import Batch
 from vlpipe.extract.frcnn.extractor import build_frcnn
 from vlpipe.extract.runner import autocast
 
@@ -112,7 +113,7 @@ def run(extractor, batches, args, precision: str) -> tuple[float, float, list]:
             with torch.inference_mode(), autocast(device, precision):
                 _sync(args.device)
                 start = time.perf_counter()
-                out = extractor.encode(pixels, hw)
+                out = extractor.encode(Batch(pixels, hw))
                 _sync(args.device)
                 elapsed = time.perf_counter() - start
             if i >= args.warmup:

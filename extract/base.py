@@ -1,14 +1,15 @@
 """What every frozen encoder offers the extraction loop.
 
 An extractor owns a frozen model in eval mode, a picklable per-item transform (run in DataLoader
-workers), the shapes of the cache fields it writes, and its provenance. `encode` maps a batch on
-the device to a dict of cache fields, named as in `vlpipe.cache.FIELDS`.
+workers), the shapes of the cache fields it writes, and its provenance. `encode` maps a `Batch`
+(what the loop knows about each item) to every cache field of those items, named as in
+`vlpipe.cache.FIELDS`: the loop writes what it returns.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,24 @@ class ImageTransform:
         return dict(asdict(self), resize="squash to size (no crop)", pixel_order="RGB")
 
 
+@dataclass
+class Batch:
+    """The items of one batch as the loop has them. Images: the transform's output of each
+    (3, H, W, on the model's device) and its original (height, width); texts: the strings."""
+
+    pixels: list[torch.Tensor] = field(default_factory=list)
+    hw: list[tuple[int, int]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    def stacked(self) -> torch.Tensor:
+        """The pixels as one B,3,H,W tensor (images the transform brought to one size)."""
+        return torch.stack(self.pixels)
+
+    def image_hw(self) -> torch.Tensor:
+        """The `image_hw` field: B,2 int32 original height, width."""
+        return torch.tensor(self.hw, dtype=torch.int32).reshape(-1, 2)
+
+
 class Extractor(nn.Module):
     """Base of the frozen encoders. Subclasses set backbone/kind/modality and implement
     `shapes` and `encode`."""
@@ -54,7 +73,6 @@ class Extractor(nn.Module):
     backbone: str = ""
     kind: str = ""
     modality: str = "image"  # or "text"
-    stackable: bool = True  # images of one size: the loop stacks them into a batch tensor
 
     def __init__(self, model: nn.Module, weights: str | None, model_record: dict[str, Any]):
         super().__init__()
@@ -65,7 +83,12 @@ class Extractor(nn.Module):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
-    def encode(self, batch: Any) -> dict[str, torch.Tensor]:
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor | np.ndarray]:
+        """Every field of `shapes()` for the B items of `batch`, B rows each."""
         raise NotImplementedError
 
     def preprocessing(self) -> dict[str, Any]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from vlpipe.extract.base import Extractor
+from vlpipe.extract.base import Batch, Extractor
 from vlpipe.tokenizer import MAX_LENGTH, bert_tokenizer, default_vocab
 from vlpipe.weights import WeightsError, load_into, read_state_dict
 
@@ -44,15 +45,18 @@ class BertExtractor(Extractor):
             return_tensors="pt",
         )
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: input_ids / attention_mask B,L -> text_feats B,L,D, text_cls B,D."""
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor | np.ndarray]:
+        """batch.texts: B strings -> text_feats B,L,D, text_cls B,D, text_ids / text_mask B,L
+        and the texts."""
+        tokens = {k: v.to(self.device) for k, v in self.tokenize(batch.texts).items()}
         hidden = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
         ).last_hidden_state
         out = {
             "text_cls": hidden[:, 0],
-            "text_ids": batch["input_ids"],
-            "text_mask": batch["attention_mask"].bool(),
+            "text_ids": tokens["input_ids"],
+            "text_mask": tokens["attention_mask"].bool(),
+            "text": np.array(batch.texts, dtype=object),
         }
         if self.tokens:
             out["text_feats"] = hidden

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vlpipe.errors import ConfigError
-from vlpipe.extract.base import Extractor, ImageTransform
+from vlpipe.extract.base import Batch, Extractor, ImageTransform
 from vlpipe.extract.vit import build_timm
 
 DEFAULT_ARCH = "resnet50"
@@ -63,11 +63,12 @@ class ResNetExtractor(Extractor):
             out["image_feats"] = (self.grid_hw[0] * self.grid_hw[1], self.dim)
         return out
 
-    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels: B,3,H,W uint8 -> image_cls B,C (pooled) and image_feats B,h*w,C."""
-        fmap = self.feature_map(self.transform.normalize(pixels))
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """batch.pixels: B x (3,H,W) uint8 -> image_cls B,C (pooled), image_feats B,h*w,C,
+        image_hw B,2."""
+        fmap = self.feature_map(self.transform.normalize(batch.stacked()))
         pooled = fmap.mean(dim=(2, 3)) if self.pool == "avg" else fmap.amax(dim=(2, 3))
-        out = {"image_cls": pooled}
+        out = {"image_cls": pooled, "image_hw": batch.image_hw()}
         if self.grid:
             out["image_feats"] = fmap.flatten(2).transpose(1, 2)
         return out

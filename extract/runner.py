@@ -30,7 +30,7 @@ from vlpipe import provenance as prov
 from vlpipe.cache import CacheWriter, Schema, storable
 from vlpipe.data_manifests.base import ImageRecord, TextRecord
 from vlpipe.distributed import resolve_device
-from vlpipe.extract.base import Extractor
+from vlpipe.extract.base import Batch, Extractor
 from vlpipe.extract.images import BadImage, load_image
 
 SHARD_BYTES = 1 << 30  # bound each shard to about 1 GiB
@@ -117,12 +117,15 @@ def _default_shard_items(schema: Schema) -> int:
     return max(1, SHARD_BYTES // max(item, 1))
 
 
-def _to_numpy(outputs: dict[str, torch.Tensor], schema: Schema) -> dict[str, np.ndarray]:
-    """Cast on the device (fp16 halves the copy), then move to host."""
+def _to_numpy(outputs: dict[str, Any], schema: Schema) -> dict[str, np.ndarray]:
+    """Cast on the device (fp16 halves the copy), then move to host; strings stay as they are."""
     arrays = {}
     for name, value in outputs.items():
         dtype = schema.fields[name][1]
-        arrays[name] = value.to(getattr(torch, dtype)).cpu().numpy()
+        if dtype == "str":
+            arrays[name] = np.asarray(value, dtype=object)
+        else:
+            arrays[name] = value.to(getattr(torch, dtype)).cpu().numpy()
     return arrays
 
 
@@ -262,13 +265,8 @@ def _write_image_batch(extractor, batch, writer, device, opts, summary) -> None:
         return
     pixels = [b["pixels"].to(device, non_blocking=True) for b in good]
     with torch.inference_mode(), autocast(device, opts.precision):
-        if extractor.stackable:
-            outputs = extractor.encode(torch.stack(pixels))
-        else:  # images of their own sizes; the original (h, w) maps boxes back to its pixels
-            outputs = extractor.encode(pixels, [b["hw"] for b in good])
-    arrays = _to_numpy(outputs, writer.schema)
-    arrays["image_hw"] = np.array([b["hw"] for b in good], dtype=np.int32)
-    writer.add([b["key"] for b in good], arrays)
+        outputs = extractor.encode(Batch(pixels=pixels, hw=[b["hw"] for b in good]))
+    writer.add([b["key"] for b in good], _to_numpy(outputs, writer.schema))
     summary.written += len(good)
 
 
@@ -313,13 +311,9 @@ def extract_texts(
 
 
 def _write_text_batch(extractor, chunk, aliases, writer, device, opts) -> None:
-    texts = [r.text for r in chunk]
-    batch = {k: v.to(device) for k, v in extractor.tokenize(texts).items()}
     with torch.inference_mode(), autocast(device, opts.precision):
-        outputs = extractor.encode(batch)
-    arrays = _to_numpy(outputs, writer.schema)
-    arrays["text"] = np.array(texts, dtype=object)
-    writer.add([r.key for r in chunk], arrays, aliases=aliases)
+        outputs = extractor.encode(Batch(texts=[r.text for r in chunk]))
+    writer.add([r.key for r in chunk], _to_numpy(outputs, writer.schema), aliases=aliases)
 
 
 def _progress(total: int, opts: RunOptions, unit: str):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vlpipe.errors import ConfigError
-from vlpipe.extract.base import Extractor, ImageTransform
+from vlpipe.extract.base import Batch, Extractor, ImageTransform
 from vlpipe.weights import load_into, read_state_dict
 
 DEFAULT_ARCH = "vit_base_patch16_224"  # the paper's ViT-B/16
@@ -31,10 +31,10 @@ class ViTExtractor(Extractor):
             out["image_feats"] = (self.grid[0] * self.grid[1], dim)
         return out
 
-    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels: B,3,H,W uint8 -> image_cls B,D and image_feats B,P,D."""
-        tokens = self.model.forward_features(self.transform.normalize(pixels))
-        out = {"image_cls": tokens[:, 0]}
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """batch.pixels: B x (3,H,W) uint8 -> image_cls B,D, image_feats B,P,D, image_hw B,2."""
+        tokens = self.model.forward_features(self.transform.normalize(batch.stacked()))
+        out = {"image_cls": tokens[:, 0], "image_hw": batch.image_hw()}
         if self.patches:
             out["image_feats"] = tokens[:, self.model.num_prefix_tokens :]
         return out

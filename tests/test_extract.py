@@ -11,6 +11,7 @@ import torch
 
 from tests.conftest import TINY_BERT, TINY_VIT, TINY_VIT_ARGS, vlpipe, write_image
 from vlpipe.cache import FeatureCache
+from vlpipe.extract.base import Batch
 from vlpipe.pipelines.cli import EXIT_PARTIAL
 
 
@@ -66,11 +67,13 @@ def test_features_match_the_bare_model(image_folder, tmp_path):
     )
     ext = build_from_job(job)
     for key in ("b/img2", "a/img5"):
-        pixels = ext.transform(load_image(image_folder / f"{key}.png")).unsqueeze(0)
+        image = load_image(image_folder / f"{key}.png")
+        batch = Batch([ext.transform(image)], [(image.height, image.width)])
         with torch.inference_mode():
-            out = ext.encode(pixels)
+            out = ext.encode(batch)
         np.testing.assert_allclose(cache[key]["image_cls"], out["image_cls"][0], atol=1e-5)
         np.testing.assert_allclose(cache[key]["image_feats"], out["image_feats"][0], atol=1e-5)
+        assert cache[key]["image_hw"].tolist() == out["image_hw"][0].tolist()
 
 
 def test_bad_images_are_recorded_and_exit_status_is_partial(image_folder, tmp_path):

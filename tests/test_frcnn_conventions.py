@@ -22,6 +22,7 @@ from torchvision.ops import nms
 
 from tests.conftest import vlpipe, write_image
 from vlpipe.cache import FeatureCache
+from vlpipe.extract.base import Batch
 from vlpipe.extract.frcnn import (
     BoxConvention,
     BUTDFasterRCNN,
@@ -228,7 +229,9 @@ def _compare(ext, images, reference) -> None:
     for pil in images:
         hw = (pil.height, pil.width)
         with torch.inference_mode():
-            row = {k: v[0].numpy() for k, v in ext.encode([ext.transform(pil)], [hw]).items()}
+            row = {
+                k: v[0].numpy() for k, v in ext.encode(Batch([ext.transform(pil)], [hw])).items()
+            }
             ref = reference(pil)
         n = int(row["image_mask"].sum())
         assert n == len(ref["boxes"]), (hw, n, len(ref["boxes"]))
@@ -310,7 +313,9 @@ def test_sets_give_different_regions(hf_folder):
                           model_kwargs={"anchor_sizes": [16, 32]}, box_policy="caffe",
                           min_boxes=8, max_boxes=8, frcnn_set=("rpn_min_size=3",))  # fmt: skip
         with torch.inference_mode():
-            rows[name] = [ext.encode([ext.transform(im)], [(im.height, im.width)]) for im in images]
+            rows[name] = [
+                ext.encode(Batch([ext.transform(im)], [(im.height, im.width)])) for im in images
+            ]
     differ = [
         not torch.allclose(a["image_boxes"], b["image_boxes"], atol=1e-3)
         for a, b in zip(rows["caffe"], rows["hf"], strict=True)

@@ -3,7 +3,8 @@
 For users who already have a detectron2 C4 detector set up (e.g. py-bottom-up-attention's
 `faster_rcnn_R_101_C4_attr_caffemaxpool.yaml` and its weights). The detectron2 model proposes
 and classifies; pooling is its `Res5ROIHeads` res5 averaged over the RoI grid; box selection,
-padding, provenance and the cache writer are vlpipe's, exactly as for `--impl native`.
+padding, provenance and the cache writer are vlpipe's, exactly as for `--impl native`: this
+module only builds the detector, and `extractor.build_frcnn` puts it into a `FrcnnExtractor`.
 
 detectron2 is not on PyPI, so it is imported only here and only when asked for. Untested in CI
 (no detectron2 there): only the "not installed" path is.
@@ -15,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlpipe.errors import ConfigError, VlpipeError
 from vlpipe.io import refuse_pickle
 
-from .config import BoxConvention
-from .extractor import FrcnnExtractor
+from .conventions import FrcnnConventions
 from .model import Detections
 
 INSTALL_HELP = (
@@ -45,26 +45,19 @@ def require_detectron2() -> None:
         raise BackendUnavailable(INSTALL_HELP) from err
 
 
-def build_detectron2(config, weights, transform, policy, source=None, *, allow_pickle: bool):
-    """A `FrcnnExtractor` whose detections come from the detectron2 model of `config`."""
+def build_detectron2(
+    config, weights, conventions: FrcnnConventions, *, allow_pickle: bool
+) -> tuple[Detectron2Detector, dict[str, Any], int]:
+    """The detector of the detectron2 model of `config` (for a `FrcnnExtractor`), its model
+    record and its region feature width."""
     require_detectron2()
     if config is None:
         raise ConfigError("--impl detectron2 needs --d2-config FILE (a detectron2 yaml config)")
     if weights is not None:
         refuse_pickle(weights, allow_pickle=allow_pickle)
     cfg = _config(Path(config), weights)
-    model = _model(cfg)
-    return Detectron2Extractor(
-        model,
-        weights,
-        _record(cfg, config),
-        transform,
-        policy,
-        BoxConvention.detectron2(),
-        int(cfg.MODEL.RESNETS.RES2_OUT_CHANNELS) * 8,
-        source,
-        pixel_format=str(cfg.INPUT.FORMAT),
-    )
+    detector = Detectron2Detector(_model(cfg), conventions, input_format=str(cfg.INPUT.FORMAT))
+    return detector, _record(cfg, config), int(cfg.MODEL.RESNETS.RES2_OUT_CHANNELS) * 8
 
 
 def _config(path: Path, weights: str | None):
@@ -94,27 +87,25 @@ def _record(cfg, config) -> dict[str, Any]:
     return {"arch": cfg.MODEL.META_ARCHITECTURE, "impl": "detectron2", "config_file": str(config)}
 
 
-class Detectron2Extractor(FrcnnExtractor):
-    """FrcnnExtractor with detections from a detectron2 `GeneralizedRCNN`."""
+class Detectron2Detector(nn.Module):
+    """A detectron2 `GeneralizedRCNN` called as vlpipe's detector: (images, scales) -> one
+    `Detections` per image."""
 
-    def __init__(self, *args, pixel_format: str = "BGR"):
-        super().__init__(*args)
-        self.pixel_format = pixel_format
+    def __init__(self, model: nn.Module, conventions: FrcnnConventions, input_format: str = "BGR"):
+        super().__init__()
+        self.model, self.conventions, self.input_format = model, conventions, input_format
 
     @torch.inference_mode()
-    def detect(self, images: list[Tensor], scales: list[float]) -> list[Detections]:
+    def forward(self, images: list[Tensor], scales=None) -> list[Detections]:
         c = self.conventions
         mean = torch.tensor(c.pixel_mean, device=images[0].device).view(3, 1, 1)
         std = torch.tensor(c.pixel_std, device=images[0].device).view(3, 1, 1)
         # vlpipe's transform normalised with the conventions' mean / std; detectron2 does its
         # own inside, on pixels in its INPUT.FORMAT order.
         raw = [img * std + mean for img in images]
-        if self.pixel_format != c.pixel_order:
+        if self.input_format != c.pixel_order:
             raw = [img.flip(0) for img in raw]
         return [_detections(self.model, img) for img in raw]
-
-    def preprocessing(self) -> dict[str, Any]:
-        return dict(super().preprocessing(), model_input_format=self.pixel_format)
 
 
 def _detections(model, image: Tensor) -> Detections:

@@ -1,9 +1,9 @@
 """`--backbone frcnn`: BUTD Faster R-CNN region features for the extraction loop.
 
-Per image: preprocess in a DataLoader worker; on the device, `detect` then one box-selection
-policy; the kept regions become a `regions` cache row padded to K = max boxes (`image_mask`
-marks the real ones). Boxes are stored in ORIGINAL image pixels, which is why the loop hands
-`encode` each image's original (h, w).
+Per image: preprocess in a DataLoader worker; on the device, the detector (the native
+`BUTDFasterRCNN`, or detectron2's through `d2_backend`) then one box-selection policy; the kept
+regions become a `regions` cache row padded to K = max boxes (`image_mask` marks the real ones).
+Boxes are stored in ORIGINAL image pixels, from the original (h, w) the loop's `Batch` carries.
 
 Two settings decide the regions, and both are recorded in the cache's provenance:
 - the checkpoint: `--weights random` builds `FrcnnConfig(**model_kwargs)` (`{"tiny": true, ...}`
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from vlpipe.cache import region_shapes
 from vlpipe.errors import ConfigError
-from vlpipe.extract.base import Extractor
+from vlpipe.extract.base import Batch, Extractor
 from vlpipe.io import refuse_pickle
 from vlpipe.weights import resolve_weights_file
 
@@ -41,7 +41,7 @@ from .conventions import (
     resolve_conventions,
 )
 from .convert import checkpoint_conventions, load_checkpoint, model_from_state_dict
-from .model import BUTDFasterRCNN, detect
+from .model import BUTDFasterRCNN, Detections
 from .preprocess import ResizePlan, preprocess, resize_plan
 from .select import BoxSelection, select_boxes
 
@@ -178,11 +178,13 @@ class BoxPolicy:
 
 
 class FrcnnExtractor(Extractor):
-    """Frozen BUTD detector -> K regions per image (features, boxes, labels, mask)."""
+    """Frozen BUTD detector -> K regions per image (features, boxes, labels, mask).
+
+    `model` is the detector: called as model(images, scales=...) on images of their own sizes
+    (no padding ever reaches a feature map), it returns one `Detections` per image."""
 
     backbone = "frcnn"
     kind = "regions"
-    stackable = False  # every image keeps its own size: no padding ever reaches a feature map
 
     def __init__(
         self,
@@ -207,24 +209,28 @@ class FrcnnExtractor(Extractor):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return region_shapes(self.policy.max_boxes, self.feature_dim)
 
-    def detect(self, images: list[Tensor], scales: list[float]):
-        """One `Detections` per image (the detectron2 backend overrides this)."""
-        return detect(self.model, images, scales=scales)
+    def detect(self, images: list[Tensor], scales: list[float]) -> list[Detections]:
+        """One `Detections` per image."""
+        return self.model(images, scales=scales)
 
-    def encode(self, pixels: list[Tensor], hw: list[tuple[int, int]]) -> dict[str, Tensor]:
-        """pixels: B tensors (3, H_i, W_i) from `transform`; hw: original (h, w) of each ->
-        image_feats B,K,D, image_boxes B,K,4 (original pixels), image_mask B,K and labels B,K."""
-        plans = [self.transform.plan(h, w) for h, w in hw]
-        detections = self.detect(pixels, [plan.scale for plan in plans])
+    def encode(self, batch: Batch) -> dict[str, Tensor]:
+        """batch.pixels: B tensors (3, H_i, W_i) from `transform`, batch.hw: the original (h, w)
+        of each -> image_feats B,K,D, image_boxes B,K,4 (original pixels), image_mask B,K,
+        labels B,K and image_hw B,2."""
+        plans = [self.transform.plan(h, w) for h, w in batch.hw]
+        detections = self.detect(batch.pixels, [plan.scale for plan in plans])
         options = self.policy.options()
         rows = [
             select_boxes(det, scale=plan.box_scale, policy=self.policy.name, **options)
             for det, plan in zip(detections, plans, strict=True)
         ]
-        return _stack(rows, hw)
+        return {**_stack(rows, batch.hw), "image_hw": batch.image_hw()}
 
     def preprocessing(self) -> dict[str, Any]:
-        return self.transform.record()
+        # a detectron2 detector reads pixels in its own INPUT.FORMAT order
+        input_format = getattr(self.model, "input_format", None)
+        record = self.transform.record()
+        return record if input_format is None else dict(record, model_input_format=input_format)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -374,29 +380,34 @@ def build_frcnn(
 
         resolved, source = resolve_conventions(conventions, default="caffe", overrides=overrides)
         policy = _policy(box_policy, min_boxes, max_boxes, conf_threshold, resolved)
-        return build_detectron2(
-            config, weights, FrcnnTransform(resolved), policy, source, allow_pickle=allow_pickle
+        model, record, feature_dim = build_detectron2(
+            config, weights, resolved, allow_pickle=allow_pickle
         )
-    if impl != "native":
+        convention = BoxConvention.detectron2()
+    elif impl == "native":
+        if config is not None:
+            raise ConfigError("--d2-config is a detectron2 config file: it needs --impl detectron2")
+        model, source = load_model(
+            weights,
+            model_kwargs,
+            allow_pickle=allow_pickle,
+            conventions=conventions,
+            overrides=overrides,
+        )
+        resolved = model.conventions
+        policy = _policy(box_policy, min_boxes, max_boxes, conf_threshold, resolved)
+        record = model_record(model, arch or DEFAULT_ARCH)
+        convention, feature_dim = model.config.convention, model.config.feature_dim
+    else:
         raise ConfigError(f"unknown --impl {impl!r}; expected native or detectron2")
-    if config is not None:
-        raise ConfigError("--d2-config is a detectron2 config file: it needs --impl detectron2")
-    model, source = load_model(
-        weights,
-        model_kwargs,
-        allow_pickle=allow_pickle,
-        conventions=conventions,
-        overrides=overrides,
-    )
-    policy = _policy(box_policy, min_boxes, max_boxes, conf_threshold, model.conventions)
     return FrcnnExtractor(
         model,
         weights,
-        model_record(model, arch or DEFAULT_ARCH),
-        FrcnnTransform(model.conventions),
+        record,
+        FrcnnTransform(resolved),
         policy,
-        model.config.convention,
-        model.config.feature_dim,
+        convention,
+        feature_dim,
         source,
     )
 
