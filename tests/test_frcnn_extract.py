@@ -9,6 +9,7 @@ import builtins
 import csv
 import json
 import pickle
+import subprocess
 import sys
 
 import numpy as np
@@ -169,6 +170,15 @@ def test_detectron2_backend_explains_how_to_install(frcnn_images, tmp_path, monk
     assert "not on PyPI" in text
     assert "pip install 'git+https://github.com/facebookresearch/detectron2.git'" in text
     assert "pip install -e detectron2/" in text and "--impl native" in text
+
+
+def test_detectron2_backend_does_not_import_the_extractor():
+    """The backend only builds a detector; the extractor imports it, never the other way."""
+    code = (
+        "import sys, vlpipe.extract.frcnn.d2_backend; "
+        "assert 'vlpipe.extract.frcnn.extractor' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_pickle_checkpoints_need_allow_pickle(frcnn_images, tmp_path):
