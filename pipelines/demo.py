@@ -114,6 +114,7 @@ def run_demo(opts: DemoOptions) -> dict:
         },
         "optim": {"device": opts.device},
         "progress": opts.progress,
+        "overwrite": True,  # a re-run replaces the demo's own run (only the files vlpipe wrote)
     }
     for name in ("epochs", "batch_size"):
         if getattr(opts, name) is not None:
