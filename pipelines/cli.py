@@ -311,6 +311,22 @@ def _score(config, sets, flags, as_json: bool) -> None:
 
 
 @app.command()
+def fusions() -> None:
+    """List the fusions and the config fields each takes (--model-config / [model])."""
+    import dataclasses
+
+    from vlpipe.fusion.registry import FUSIONS
+
+    for name, spec in FUSIONS.items():
+        config_cls, _ = spec.classes()
+        typer.echo(f"{name}: {spec.help}")
+        from_caches = set(spec.inputs)
+        for f in dataclasses.fields(config_cls):
+            note = "  (from the caches)" if f.name in from_caches else ""
+            typer.echo(f"    {f.name} = {f.default!r}{note}")
+
+
+@app.command()
 def presets() -> None:
     """List the presets shipped with vlpipe (the papers' recipes; `vlpipe train --preset NAME`)."""
     from vlpipe.pipelines.configs import preset_names

@@ -90,7 +90,9 @@ class TrainJob:
     data: DataConfig = section(DataConfig)
     val: DataConfig = section(DataConfig)
     model: dict[str, Any] = opt(
-        help='fusion config fields, e.g. {"l_layers": 2}', flag="model-config", factory=dict
+        help='fusion config fields, e.g. {"l_layers": 2}; `vlpipe fusions` lists them',
+        flag="model-config",
+        factory=dict,
     )
     optim: TrainConfig = section(TrainConfig)
     eval: EvalConfig = section(EvalConfig)
