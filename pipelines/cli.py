@@ -197,16 +197,6 @@ def export_features(
     typer.echo(f"{out}: wrote {n} images")
 
 
-def _json_option(text: str, name: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{name} is not JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a JSON object")
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # Stage two: commands generated from their job configs (pipelines/configs.py)
 # --------------------------------------------------------------------------------------------
