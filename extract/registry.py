@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpipe.errors import ConfigError
-from vlpipe.extract.base import Extractor
+
+if TYPE_CHECKING:  # the CLI reads BACKBONES for its --help: no torch import here
+    from vlpipe.extract.base import Extractor
 
 # name -> "module:builder"; imported lazily so `vlpipe --help` stays instant.
 BACKBONES = {

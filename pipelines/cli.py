@@ -197,16 +197,6 @@ def export_features(
     typer.echo(f"{out}: wrote {n} images")
 
 
-def _json_option(text: str, name: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{name} is not JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a JSON object")
-    return value
-
-
 # --------------------------------------------------------------------------------------------
 # Stage two: commands generated from their job configs (pipelines/configs.py)
 # --------------------------------------------------------------------------------------------
@@ -221,6 +211,7 @@ def _job_commands() -> None:
     command(app, "evaluate", configs.EvaluateJob, _evaluate, help=EVALUATE_HELP, extra=json_flag)
     command(app, "predict", configs.PredictJob, _predict, help=PREDICT_HELP)
     command(app, "score", configs.ScoreJob, _score, help=SCORE_HELP, extra=json_flag)
+    command(app, "demo", configs.DemoOptions, _demo, help=DEMO_HELP)
 
 
 TRAIN_PREFIXES = {"val": "val-"}
@@ -229,6 +220,7 @@ IMPORT_HELP = "Turn region features written by other tools into a vlpipe cache."
 TRAIN_HELP = "Train a fusion model and task head from cached features."
 EVALUATE_HELP = "Print the official metrics of a trained run on a labelled split."
 PREDICT_HELP = "Write the official submission file: VQA / GQA json, NLVR2 csv."
+DEMO_HELP = "easy-VQA end to end: extract ViT (or ResNet) + MiniLM BERT -> train -> test accuracy."
 SCORE_HELP = "Score a predictions file with the official metrics (no model, no caches)."
 
 
@@ -309,6 +301,22 @@ def _score(config, sets, flags, as_json: bool) -> None:
 
 
 @app.command()
+def fusions() -> None:
+    """List the fusions and the config fields each takes (--model-config / [model])."""
+    import dataclasses
+
+    from vlpipe.fusion.registry import FUSIONS
+
+    for name, spec in FUSIONS.items():
+        config_cls, _ = spec.classes()
+        typer.echo(f"{name}: {spec.help}")
+        from_caches = set(spec.inputs)
+        for f in dataclasses.fields(config_cls):
+            note = "  (from the caches)" if f.name in from_caches else ""
+            typer.echo(f"    {f.name} = {f.default!r}{note}")
+
+
+@app.command()
 def presets() -> None:
     """List the presets shipped with vlpipe (the papers' recipes; `vlpipe train --preset NAME`)."""
     from vlpipe.pipelines.configs import preset_names
@@ -317,39 +325,14 @@ def presets() -> None:
         typer.echo(f"{name:<16} {description}")
 
 
-@app.command()
-def demo(
-    workdir: Path = typer.Option(Path("vlpipe-demo"), help="where caches and the run go"),
-    fusion: str = typer.Option("concat", help="concat | lxmert | cross"),
-    epochs: int = typer.Option(None, help="default: the demo preset's (5)"),
-    vision_weights: str = typer.Option(
-        None, help="local timm ViT checkpoint (default: none can be downloaded, so random-init)"
-    ),
-    vision: str = typer.Option(
-        "vit", help="vit | resnet (random ResNet-18, max-pooled layer2: carries shape)"
-    ),
-    vision_arch: str = typer.Option(None, help="default vit_tiny_patch16_224 / resnet18"),
-    image_size: int = typer.Option(None, help="default 64 (ViT) / 128 (ResNet)"),
-    text_weights: str = typer.Option(None, help="BERT folder (default: the MiniLM package)"),
-    device: str = typer.Option("auto"),
-    progress: bool = typer.Option(True),
-) -> None:
-    """easy-VQA end to end: extract ViT (or ResNet) + MiniLM BERT -> train -> test accuracy."""
-    from vlpipe.pipelines.demo import DemoOptions, run_demo
+def _demo(config, sets, flags) -> None:
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines.configs import DemoOptions
+    from vlpipe.pipelines.demo import run_demo
 
-    opts = DemoOptions(
-        workdir,
-        vision_weights,
-        vision_arch,
-        image_size,
-        text_weights,
-        fusion,
-        epochs,
-        device=device,
-        progress=progress,
-        vision=vision,
-    )
     try:
+        opts = _resolved(DemoOptions, config, sets, flags)
+        set_threads(opts.threads)
         run_demo(opts)
     except _user_errors() as err:
         _fail(err)
@@ -363,6 +346,7 @@ def verify(
         help="move corrupt, foreign and duplicate shards aside and rebuild the index from the "
         "others (then `extract --resume` refills)",
     ),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable report"),
 ) -> None:
     """Check every shard against its checksum and the index's record of it; exit 1 on any
     problem."""
@@ -390,10 +374,13 @@ def verify(
         _fail_hard(err)
     except _user_errors() as err:
         _fail(err)
-    typer.echo(
-        f"{cache}: {report.shards} shards, {report.items} items, "
-        f"{'OK' if report.ok else f'{len(report.problems)} problems'}"
-    )
+    if as_json:
+        typer.echo(json.dumps(check.report_dict(report), indent=2))
+    else:
+        typer.echo(
+            f"{cache}: {report.shards} shards, {report.items} items, "
+            f"{'OK' if report.ok else f'{len(report.problems)} problems'}"
+        )
     if not report.ok:
         raise typer.Exit(1)
 

@@ -90,7 +90,9 @@ class TrainJob:
     data: DataConfig = section(DataConfig)
     val: DataConfig = section(DataConfig)
     model: dict[str, Any] = opt(
-        help='fusion config fields, e.g. {"l_layers": 2}', flag="model-config", factory=dict
+        help='fusion config fields, e.g. {"l_layers": 2}; `vlpipe fusions` lists them',
+        flag="model-config",
+        factory=dict,
     )
     optim: TrainConfig = section(TrainConfig)
     eval: EvalConfig = section(EvalConfig)
@@ -317,6 +319,52 @@ class ImportJob:
 
 
 # --------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------
+# Per vision backbone: the demo's model and input size, and for ResNet the stage and pooling.
+# Random-init ViT features carry colour but hardly shape; the max-pooled second stage of a
+# random ResNet-18 at 128 px carries both (measured: see README, "What the demo gives").
+VISION = {
+    "vit": {"arch": "vit_tiny_patch16_224", "image_size": 64},
+    "resnet": {"arch": "resnet18", "image_size": 128, "layer": "layer2", "pool": "max"},
+}
+
+
+@dataclass(kw_only=True)
+class DemoOptions:
+    """`vlpipe demo`: easy-VQA end to end on its embedded defaults."""
+
+    workdir: Path = opt(Path("vlpipe-demo"), "where the caches and the run go")
+    vision: str = opt(
+        "vit",
+        "vit | resnet (random ResNet-18, max-pooled layer2: carries shape)",
+        choices=tuple(VISION),
+    )
+    vision_weights: str | None = opt(
+        None, "local timm checkpoint (default: none can be downloaded, so random-init)"
+    )
+    vision_arch: str | None = opt(None, "default vit_tiny_patch16_224 / resnet18")
+    image_size: int | None = opt(None, "default 64 (ViT) / 128 (ResNet)", minimum=16)
+    text_weights: str | None = opt(None, "BERT folder (default: the MiniLM package)")
+    fusion: str = opt("concat", "concat | lxmert | cross", choices=("concat", "lxmert", "cross"))
+    epochs: int | None = opt(None, "default: the demo preset's", minimum=1)
+    batch_size: int | None = opt(None, "training batch (default: the demo preset's)", minimum=1)
+    extract_batch_size: int = opt(128, "extraction batch", minimum=1)
+    num_workers: int = opt(2, "image-decoding DataLoader workers", minimum=0)
+    device: str = opt("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
+    threads: int = opt(0, "torch CPU threads (0: half the cores)", minimum=0)
+    progress: bool = opt(True, "progress bars", save=False)
+
+    def vision_settings(self) -> dict:
+        if self.vision not in VISION:
+            raise ConfigError(f"--vision {self.vision!r}: expected one of {', '.join(VISION)}")
+        settings = dict(VISION[self.vision])
+        settings["arch"] = self.vision_arch or settings["arch"]
+        settings["image_size"] = self.image_size or settings["image_size"]
+        return settings
+
+
+# --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
 def preset_names() -> dict[str, str]:
@@ -351,7 +399,9 @@ def _preset_path(name: str) -> Path:
 
 __all__ = [
     "APPLIES",
+    "VISION",
     "DataConfig",
+    "DemoOptions",
     "ExtractJob",
     "ImportJob",
     "EvalConfig",

@@ -7,10 +7,10 @@ concatenation model from the caches -> evaluate on test. Re-running reuses finis
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from vlpipe.errors import ConfigError
+from vlpipe.pipelines.configs import DemoOptions
 from vlpipe.pipelines.extract_job import resolve_extract, run_extract
 from vlpipe.pipelines.train_job import resolve_train, run_train
 
@@ -20,39 +20,6 @@ note: no pretrained vision weights can be downloaded here, so the demo's {vision
       vlpipe demo --vision-weights vit_b16.safetensors \\
                   --vision-arch vit_base_patch16_224 --image-size 224
 """
-
-# Per vision backbone: the demo's model and input size, and for ResNet the stage and pooling.
-# Random-init ViT features carry colour but hardly shape; the max-pooled second stage of a
-# random ResNet-18 at 128 px carries both (measured: see README, "What the demo gives").
-VISION = {
-    "vit": {"arch": "vit_tiny_patch16_224", "image_size": 64},
-    "resnet": {"arch": "resnet18", "image_size": 128, "layer": "layer2", "pool": "max"},
-}
-
-
-@dataclass
-class DemoOptions:
-    workdir: Path = Path("vlpipe-demo")
-    vision_weights: str | None = None
-    vision_arch: str | None = None  # None: VISION[vision]
-    image_size: int | None = None
-    text_weights: str | None = None
-    fusion: str = "concat"
-    epochs: int | None = None  # None: the demo preset's
-    batch_size: int | None = None
-    extract_batch_size: int = 128
-    num_workers: int = 2
-    device: str = "auto"
-    progress: bool = True
-    vision: str = "vit"  # vit | resnet
-
-    def vision_settings(self) -> dict:
-        if self.vision not in VISION:
-            raise ConfigError(f"--vision {self.vision!r}: expected one of {', '.join(VISION)}")
-        settings = dict(VISION[self.vision])
-        settings["arch"] = self.vision_arch or settings["arch"]
-        settings["image_size"] = self.image_size or settings["image_size"]
-        return settings
 
 
 def _minilm() -> str:
@@ -147,6 +114,7 @@ def run_demo(opts: DemoOptions) -> dict:
         },
         "optim": {"device": opts.device},
         "progress": opts.progress,
+        "overwrite": True,  # a re-run replaces the demo's own run (only the files vlpipe wrote)
     }
     for name in ("epochs", "batch_size"):
         if getattr(opts, name) is not None:

@@ -113,6 +113,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.integration
 def test_second_writer_is_refused_naming_the_holder_until_it_dies(tmp_path, image_folder):
     from tests.test_extract import vit_args
 

@@ -17,6 +17,9 @@ from tests.conftest import TINY_VIT_ARGS, vlpipe, write_image
 from tests.fusion_fixtures import gqa_color_task, logged_losses
 from vlpipe.cache import FeatureCache, complete_shards, shard_dir
 
+# Real processes killed, stopped or starved: `pytest -m integration` (.ci/run runs them).
+pytestmark = pytest.mark.integration
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
 

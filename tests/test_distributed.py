@@ -13,6 +13,9 @@ from safetensors.torch import load_file
 from tests.fusion_fixtures import gqa_color_task, logged_losses
 from vlpipe.fusion.checkpoint import latest_checkpoint
 
+# Real processes killed, stopped or starved: `pytest -m integration` (.ci/run runs them).
+pytestmark = pytest.mark.integration
+
 
 def _train_args(data, out, batch):
     return [

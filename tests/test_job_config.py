@@ -222,3 +222,12 @@ def test_wrong_training_inputs_are_named(tmp_path, case):
     )
     result = vlpipe("train", "--task", "gqa", *args, "--out", tmp_path / "r", code=1)
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_fusions_lists_every_fusion_and_its_fields():
+    from vlpipe.fusion.registry import FUSIONS
+
+    out = vlpipe("fusions").output
+    for name in FUSIONS:
+        assert f"{name}: " in out
+    assert "l_layers = 9" in out and "visual_feat_dim = 2048  (from the caches)" in out

@@ -23,6 +23,9 @@ from tests.test_crash import ENV, extract_cmd
 from vlpipe.cache import FeatureCache, checksum_path, complete_shards, shard_dir
 from vlpipe.provenance import sha256_file
 
+# Real processes killed, stopped or starved: `pytest -m integration` (.ci/run runs them).
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 # point -> which write fails (see tests/faults.py); 9 images, 2 per shard
 POINTS = {"open": 2, "data": 3, "checksum": 2, "index": 1}

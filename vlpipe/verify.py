@@ -62,6 +62,19 @@ class Report:
         return not self.problems
 
 
+def report_dict(report: Report) -> dict:
+    """The report as JSON values (`vlpipe verify --json`)."""
+    return {
+        "path": report.path,
+        "ok": report.ok,
+        "shards": report.shards,
+        "items": report.items,
+        "problems": report.problems,
+        "notes": report.notes,
+        "moved": [[str(old), str(new)] for old, new in report.moved],
+    }
+
+
 @dataclass
 class _Shard:
     """One shard on disk as verify sees it: its info (None unless intact) and sha256."""
