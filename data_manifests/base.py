@@ -69,7 +69,10 @@ def natural_key(key: str) -> tuple:
     re.split with a group alternates text and digits, so the tuples always compare text with
     text and numbers with numbers."""
     parts = _DIGITS.split(key)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
+    # a number as (its length without leading zeros, its digits): numeric order for any length;
+    # the key itself last, so "img01" and "img1" still have one order
+    numbers = ((len(p.lstrip("0")), p.lstrip("0")) if i % 2 else p for i, p in enumerate(parts))
+    return (*numbers, key)
 
 
 def apply_limit(items: list[T], limit: int | None) -> list[T]:

@@ -73,9 +73,13 @@ class BertExtractor(Extractor):
         }
 
     def preprocessing(self) -> dict[str, Any]:
+        from vlpipe.provenance import sha256_file
+        from vlpipe.tokenizer import find_vocab
+
         return {
             "tokenizer": "WordPiece",
-            "vocab": self.vocab,
+            "vocab": self.vocab,  # where it was read from (not part of the identity)
+            "vocab_sha256": sha256_file(find_vocab(self.vocab)),
             "vocab_size": len(self.tokenizer),
             "lowercase": bool(self.tokenizer.do_lower_case),
             "max_length": self.max_length,

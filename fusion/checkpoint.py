@@ -60,6 +60,8 @@ def _prune(run_dir: Path, keep: Path) -> None:
 # What a run folder holds that vlpipe wrote (checkpoint folders, their temporaries, LATEST and
 # its temporaries, logs, plot, TensorBoard events, default prediction files).
 RUN_FILES = (
+    "config.toml",
+    "vocab.txt",
     "ckpt-*",
     ".ckpt-*.tmp",
     LATEST,
@@ -101,7 +103,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "run.json").read_text())
+    try:
+        return json.loads((ckpt / "run.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{ckpt / 'run.json'}: not a readable run record ({err})") from err
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:

@@ -23,6 +23,7 @@ from vlpipe.data_manifests.base import TextRecord
 from vlpipe.errors import VlpipeError
 from vlpipe.fusion.answers import AnswerVocab, target_scores
 from vlpipe.fusion.tasks import Task
+from vlpipe.provenance import encoder_identity
 from vlpipe.tokenizer import MAX_LENGTH
 
 IMAGE_FIELDS = ("region_feats", "region_boxes", "region_mask", "image_cls")
@@ -39,14 +40,23 @@ class CacheSet:
     def __init__(self, paths: Sequence[str | Path]):
         self.caches = [FeatureCache(p) for p in paths]
         first = self.caches[0]
+        ours = encoder_identity(first.provenance)
         for other in self.caches[1:]:
+            theirs = encoder_identity(other.provenance)
+            if theirs != ours:
+                differ = sorted(k for k in ours | theirs if ours.get(k) != theirs.get(k))
+                raise DataMismatch(
+                    f"{other.path} and {first.path} hold features of different encoders "
+                    f"(they differ in {', '.join(differ)}): one model cannot read both"
+                )
             common = other.schema.facts.keys() & first.schema.facts.keys()
             facts_differ = any(other.schema.facts[k] != first.schema.facts[k] for k in common)
             if other.kind != first.kind or other.fields != first.fields or facts_differ:
                 raise DataMismatch(
-                    f"{other.path} ({other.kind}, {other.fields}) does not match "
-                    f"{first.path} ({first.kind}, {first.fields})"
+                    f"{other.path} ({other.kind}, {other.fields}, {other.schema.facts}) does "
+                    f"not match {first.path} ({first.kind}, {first.fields}, {first.schema.facts})"
                 )
+        _check_disjoint(self.caches)
         self.kind, self.fields, self.provenance = first.kind, first.fields, first.provenance
         self.modality = "text" if first.kind == "tokens" else "image"
         self.facts = first.schema.facts
@@ -79,6 +89,18 @@ class CacheSet:
                     out[name] = np.empty((len(keys), *value.shape[1:]), value.dtype)
                 out[name][sel] = value
         return out
+
+
+def _check_disjoint(caches: list[FeatureCache]) -> None:
+    """A key in two caches of one set would be read from whichever comes first: refuse."""
+    if len(caches) < 2:
+        return
+    keys = np.concatenate([np.asarray(c.keys(), dtype=object) for c in caches])
+    unique, counts = np.unique(keys, return_counts=True)
+    if (counts > 1).any():
+        twice = unique[counts > 1][:5].tolist()
+        names = ", ".join(str(c.path) for c in caches)
+        raise DataMismatch(f"keys {twice} are in more than one of {names}")
 
 
 def grid_boxes(grid: tuple[int, int], with_cls: bool) -> np.ndarray:
@@ -218,7 +240,8 @@ class TaskDataset(Dataset):
         if missing:
             raise DataMismatch(
                 f"{len(missing)} {what} keys of the annotations are not in "
-                f"{caches.names}, e.g. {missing[:5]}"
+                f"{caches.names}, e.g. {missing[:5]} (--skip-missing trains on the others; "
+                "validation reads the training caches unless --val-features names its own)"
             )
 
     def __len__(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlpipe.config import opt
+from vlpipe.config import DEVICE_HELP, opt
 
 # adamw: AdamW, no decay on biases / norms, linear warm-up then decay (the default).
 # bertadam: BertAdam on all parameters with warmup_linear, as LXMERT's `--optim bert` recipes.
@@ -31,6 +31,6 @@ class TrainConfig:
     seed: int = opt(0, "seed of the initial weights, data order and dropout")
     num_workers: int = opt(0, "DataLoader worker processes reading the caches", minimum=0)
     ckpt_every: int = opt(0, "steps between checkpoints (0: at the end of each epoch)", minimum=0)
-    device: str = opt("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
+    device: str = opt("auto", DEVICE_HELP)
     amp: bool = opt(True, "bf16 autocast (CUDA only)")
     max_steps: int = opt(0, "stop after this many steps, resumable (0: all epochs)", minimum=0)

@@ -153,16 +153,9 @@ def _import(config, sets, flags) -> None:
 
     try:
         job = _resolved(ImportJob, config, sets, flags)
-        opts = interop.ImportOptions(
-            job.max_boxes,
-            job.dtype,
-            job.allow_pickle,
-            job.verbatim_keys,
-            job.overwrite,
-            shard_items=job.shard_items,
-            limit=job.limit,
-            resume=job.resume,
-        )
+        fields = ("max_boxes", "dtype", "allow_pickle", "verbatim_keys", "overwrite")
+        fields += ("shard_items", "limit", "resume")
+        opts = interop.ImportOptions(**{name: getattr(job, name) for name in fields})
         s = interop.import_features(job.format, job.source, job.out, opts)
     except CacheWriteError as err:
         _fail_hard(err)
@@ -217,7 +210,11 @@ def _job_commands() -> None:
 TRAIN_PREFIXES = {"val": "val-"}
 EXTRACT_HELP = "Run a frozen encoder over a dataset and cache its features."
 IMPORT_HELP = "Turn region features written by other tools into a vlpipe cache."
-TRAIN_HELP = "Train a fusion model and task head from cached features."
+TRAIN_HELP = (
+    "Train a fusion model and task head from cached features. The defaults shown are the base "
+    "values: the fusion's preset (`vlpipe presets`) sets the optimisation (lr, epochs, batch "
+    "size, optimizer) unless --preset, --config or the flags say otherwise."
+)
 EVALUATE_HELP = "Print the official metrics of a trained run on a labelled split."
 PREDICT_HELP = "Write the official submission file: VQA / GQA json, NLVR2 csv."
 DEMO_HELP = "easy-VQA end to end: extract ViT (or ResNet) + MiniLM BERT -> train -> test accuracy."
@@ -302,7 +299,8 @@ def _score(config, sets, flags, as_json: bool) -> None:
 
 @app.command()
 def fusions() -> None:
-    """List the fusions and the config fields each takes (--model-config / [model])."""
+    """List the fusions and the config fields each takes (--model-config, or the \\[model]
+    table of a config file)."""
     import dataclasses
 
     from vlpipe.fusion.registry import FUSIONS

@@ -15,12 +15,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vlpipe.config import ConfigError, load_file, opt, section
+from vlpipe.config import DEVICE_HELP, ConfigError, load_file, opt, section
 from vlpipe.fusion.metrics import DEFAULT_REVISION, REVISIONS
 from vlpipe.fusion.train_config import TrainConfig
 from vlpipe.tokenizer import MAX_LENGTH
 
-DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N"
 THREADS_HELP = (
     "torch CPU threads (0: half the cores, at least 1; a busy small machine is faster so)"
 )
@@ -45,11 +44,9 @@ def _formats() -> list[str]:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
-    """Where the examples of one split come from."""
+class AnnotationConfig:
+    """Which examples of a split: the annotation files and how to read them."""
 
-    features: list[Path] = opt(help="image feature cache(s), repeatable", factory=list)
-    text_features: list[Path] = opt(help="text feature cache(s) (concat, cross)", factory=list)
     annotations: list[Path] = opt(
         help="annotation file(s), e.g. VQA questions.json then annotations.json", factory=list
     )
@@ -58,6 +55,14 @@ class DataConfig:
     )
     split: str | None = opt(None, "split name (easy-vqa: train | test)")
     limit: int | None = opt(None, "only the first N examples", minimum=1)
+
+
+@dataclass(kw_only=True)
+class DataConfig(AnnotationConfig):
+    """Where the examples of one split come from: their annotations and feature caches."""
+
+    features: list[Path] = opt(help="image feature cache(s), repeatable", factory=list)
+    text_features: list[Path] = opt(help="text feature cache(s) (concat, cross)", factory=list)
     skip_missing: bool = opt(
         False, "leave out examples whose features are missing (reported, with the reason)"
     )
@@ -167,7 +172,7 @@ class ScoreJob:
 
     task: str = opt(help="the task", choices=_tasks)
     predictions: Path = opt(help="VQA results json, GQA predictions json, NLVR2 csv")
-    data: DataConfig = section(DataConfig)
+    data: AnnotationConfig = section(AnnotationConfig)
     eval: EvalConfig = section(EvalConfig)
 
 
@@ -351,14 +356,12 @@ class DemoOptions:
     batch_size: int | None = opt(None, "training batch (default: the demo preset's)", minimum=1)
     extract_batch_size: int = opt(128, "extraction batch", minimum=1)
     num_workers: int = opt(2, "image-decoding DataLoader workers", minimum=0)
-    device: str = opt("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
-    threads: int = opt(0, "torch CPU threads (0: half the cores)", minimum=0)
+    device: str = opt("auto", DEVICE_HELP)
+    threads: int = opt(0, THREADS_HELP, minimum=0)
     progress: bool = opt(True, "progress bars", save=False)
 
     def vision_settings(self) -> dict:
-        if self.vision not in VISION:
-            raise ConfigError(f"--vision {self.vision!r}: expected one of {', '.join(VISION)}")
-        settings = dict(VISION[self.vision])
+        settings = dict(VISION[self.vision])  # `vision` is checked against VISION's names
         settings["arch"] = self.vision_arch or settings["arch"]
         settings["image_size"] = self.image_size or settings["image_size"]
         return settings
@@ -386,15 +389,16 @@ def preset_layer(name: str | None, fusion: str, task: str) -> tuple[str | None, 
         if name is None:
             return None, {}
     if name in shipped:
-        return name, load_file(_preset_path(name))
+        return name, _load_preset(name)
     if Path(name).is_file():
         return name, load_file(Path(name))
     raise ConfigError(f"--preset {name!r}: no such preset or file; presets: {', '.join(shipped)}")
 
 
-def _preset_path(name: str) -> Path:
+def _load_preset(name: str) -> dict[str, Any]:
+    """A shipped preset, read through importlib.resources (works from a zipped install too)."""
     with resources.as_file(resources.files("vlpipe").joinpath("presets", f"{name}.toml")) as p:
-        return Path(p)
+        return load_file(Path(p))
 
 
 __all__ = [

@@ -11,7 +11,7 @@ from vlpipe.errors import ConfigError
 from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset
 from vlpipe.fusion.model import fusion_inputs
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
-from vlpipe.pipelines.configs import DataConfig, EvalConfig
+from vlpipe.pipelines.configs import AnnotationConfig, EvalConfig
 
 
 @dataclass
@@ -29,21 +29,23 @@ class DataSpec:
     vqa_eval: str = EvalOptions.vqa_revision
     choices: Path | None = None  # GQA eval.py choices file (validity, plausibility)
     skip_missing: bool = False  # leave out examples whose features are not in the caches
+    role: str = "train"  # or "val", "eval": what errors call its flags
 
     @classmethod
-    def of(cls, task: str, data: DataConfig, scoring: EvalConfig | None = None) -> DataSpec:
+    def of(cls, task: str, data: AnnotationConfig, scoring: EvalConfig | None = None) -> DataSpec:
+        """From a config section (an AnnotationConfig has no caches: `vlpipe score`)."""
         scoring = scoring or EvalConfig()
         return cls(
             task,
-            list(data.features),
-            list(data.text_features),
+            list(getattr(data, "features", [])),
+            list(getattr(data, "text_features", [])),
             list(data.annotations),
             data.annotations_format,
             data.split,
             data.limit,
             scoring.vqa_eval,
             scoring.gqa_choices,
-            data.skip_missing,
+            getattr(data, "skip_missing", False),
         )
 
     @property
@@ -77,7 +79,10 @@ def _tokenizer(vocab: str | None, texts: CacheSet | None):
                     f"{texts.names} was tokenized with a vocab (sha256 {declared[:12]}...) that "
                     f"is not at {path} on this machine: pass --vocab PATH/vocab.txt"
                 )
-    vocab = vocab if vocab is not None else default_vocab()
+    if vocab is None:
+        vocab = default_vocab()
+        if vocab is not None:
+            print(f"note: tokenizing with the packaged uncased BERT vocab {vocab}", file=sys.stderr)
     if vocab is None:
         raise ConfigError("this fusion tokenizes the texts: pass --vocab PATH/vocab.txt")
     return bert_tokenizer(vocab), str(find_vocab(vocab))
@@ -88,8 +93,9 @@ def build_dataset(
 ) -> TaskDataset:
     images = CacheSet(spec.features)
     texts = CacheSet(spec.text_features) if spec.text_features else None
-    _check_modality(images, "image", "--features")
-    _check_modality(texts, "text", "--text-features")
+    prefix = "--val-" if spec.role == "val" else "--"
+    _check_modality(images, "image", f"{prefix}features")
+    _check_modality(texts, "text", f"{prefix}text-features")
     data = TaskDataset(
         task,
         records if records is not None else spec.records(),

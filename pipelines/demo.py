@@ -63,10 +63,13 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     tag = "_cls" if cls_only else ""  # token caches and CLS caches live side by side
     vision = opts.vision_settings()
     resnet = {k: vision[k] for k in ("layer", "pool") if k in vision}
+    # one cache per setting: another --vision-arch / --image-size / weights gets its own
+    weights = "random" if opts.vision_weights is None else Path(opts.vision_weights).stem
+    name = f"{opts.vision}-{vision['arch']}-{vision['image_size']}px-{weights}{tag}"
     for split in ("train", "test"):
         image = {
             "backbone": opts.vision,
-            "out": str(work / f"{split}_{opts.vision}{tag}.h5"),
+            "out": str(work / f"{split}_{name}.h5"),
             "split": split,
             "weights": opts.vision_weights or "random",
             "arch": vision["arch"],
@@ -95,10 +98,8 @@ def run_demo(opts: DemoOptions) -> dict:
     print(f"[1/3] extract: {name} over easy-VQA images, MiniLM BERT over the questions", flush=True)
     paths = extract_all(opts)
     print(f"[2/3] train: {opts.fusion} fusion from the caches", flush=True)
-    from vlpipe.pipelines.configs import preset_layer
-
-    _, demo = preset_layer("demo", opts.fusion, "easy-vqa")
     layer = {
+        "preset": "demo",
         "task": "easy-vqa",
         "fusion": opts.fusion,
         "out": str(opts.workdir / f"run_{opts.fusion}"),
@@ -119,7 +120,7 @@ def run_demo(opts: DemoOptions) -> dict:
     for name in ("epochs", "batch_size"):
         if getattr(opts, name) is not None:
             layer["optim"][name] = getattr(opts, name)
-    job = resolve_train(demo, layer)
+    job = resolve_train(layer)
     results = run_train(job)
     per_type = ", ".join(f"{t} {acc:.1f}%" for t, acc in results.get("perAnswerType", {}).items())
     print(

@@ -51,6 +51,12 @@ def load_model(
         model, meta, task = load_run(path)
         if lxmert.task is not None and lxmert.task != task.name:
             raise ConfigError(f"{path}: a {task.name} run, not {lxmert.task}")
+        given = [f"--{n}" for n in ("answers", "vocab") if getattr(lxmert, n) is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: for LXMERT checkpoints from elsewhere; {path} is a vlpipe "
+                "run, which carries its answers and vocab"
+            )
         return model, meta, task
     return import_task_model(path, lxmert)
 
@@ -66,9 +72,9 @@ def run_dataset(
         from vlpipe.tokenizer import bert_tokenizer
 
         vocab = Path(meta["tokenizer"]["vocab"])
-        if not vocab.is_absolute() and Path(run_dir).is_dir():  # a run's own copy
+        if "source" not in meta and not vocab.is_absolute():  # a vlpipe run's own copy
             vocab = Path(run_dir) / vocab
-        tokenizer = bert_tokenizer(vocab)
+        tokenizer = bert_tokenizer(vocab, meta["tokenizer"].get("lowercase"))
     data = build_dataset(
         spec,
         task,
@@ -88,7 +94,7 @@ def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
     dims = fusion_dims(meta["fusion"], data.images, data.texts, 0)
     for key, value in dims.items():
         trained = meta["fusion_config"].get(key)
-        if key != "vocab_size" and None not in (trained, value) and value != trained:
+        if None not in (trained, value) and value != trained:
             caches = data.images.names if key != "text_dim" else data.texts.names
             raise DataMismatch(
                 f"{caches}: features of size {value} for {key}, the model in the run was "
@@ -120,8 +126,15 @@ def run_evaluate(job: EvaluateJob) -> tuple[dict, dict]:
             f"{', '.join(map(str, job.data.annotations)) or 'the split'}: no question has an "
             "answer to score against (use `vlpipe predict` for unlabelled splits)"
         )
-    if meta["warnings"]:
-        results = dict(results, warnings=meta["warnings"])
+    warnings = list(meta["warnings"])
+    if data.skipped:
+        results = dict(results, skipped=len(data.skipped))
+        warnings.append(
+            f"--skip-missing left out {len(data.skipped)} of {len(data) + len(data.skipped)} "
+            "questions: the figures are over the others, not the official split"
+        )
+    if warnings:
+        results = dict(results, warnings=warnings)
     return results, preds
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from vlpipe.cache import build_index
 from vlpipe.cache_layout import check_target, remove_cache
-from vlpipe.config import merge, resolve, to_dict
+from vlpipe.config import merge_all, resolve, to_dict
 from vlpipe.distributed import resolve_device
 from vlpipe.errors import ConfigError
 from vlpipe.extract.base import parse_weights
@@ -20,12 +20,15 @@ from vlpipe.pipelines.configs import APPLIES, ExtractJob
 def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
     """The ExtractJob of the layers (file, --set, flags); an option given for a backbone it
     does not apply to is an error naming it (defaults never are)."""
-    given: dict = {}
-    for layer in layers:
-        given = merge(given, layer)
+    given = merge_all(*layers)
     job = resolve(ExtractJob, *layers, names=names)
+    defaults = _defaults()
     for name, backbones in APPLIES.items():
         value = given.get(name)
+        if isinstance(value, dict):  # a section: the options set to other than their default
+            value = {k: v for k, v in value.items() if v != defaults[name].get(k)}
+        elif value == defaults.get(name):
+            value = None  # a replayed config holds every default: not "given"
         if value not in (None, False, {}, []) and job.backbone not in backbones:
             flag = (names or {}).get((name,), name) if not isinstance(value, dict) else None
             flags = flag or ", ".join(
@@ -37,16 +40,40 @@ def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
     return job
 
 
+def _defaults() -> dict[str, Any]:
+    """Every ExtractJob field's default, sections as dicts."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(ExtractJob):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def build_from_job(job: ExtractJob):
     """The frozen extractor of the job, its random-init weights seeded by --seed."""
     import torch
 
-    from vlpipe.extract.registry import build_extractor
-
     weights = parse_weights(job.weights)
     specific = {"frcnn": _frcnn_options(job.frcnn), "resnet": _given(job.resnet)}
     torch.manual_seed(job.run.seed)  # random-init weights are a function of the seed
-    extractor = build_extractor(
+    try:
+        extractor = _build(job, weights, specific)
+    except (TypeError, AssertionError) as err:  # a model config the architecture does not take
+        raise ConfigError(f"--model-config {job.model}: {err}") from err
+    if weights is None:
+        warn_random(job.backbone)
+    return extractor
+
+
+def _build(job: ExtractJob, weights: str | None, specific: dict):
+    from vlpipe.extract.registry import build_extractor
+
+    return build_extractor(
         job.backbone,
         arch=job.arch,
         weights=weights,
@@ -57,9 +84,6 @@ def build_from_job(job: ExtractJob):
         patches=not job.cls_only,
         **specific.get(job.backbone, {}),
     )
-    if weights is None:
-        warn_random(job.backbone)
-    return extractor
 
 
 def _given(section) -> dict[str, Any]:

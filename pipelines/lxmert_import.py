@@ -141,7 +141,7 @@ def _vocab(path: str | Path, vocab: str | None, vocab_size: int) -> str:
             f"{find_vocab(vocab)}: {size} tokens, but the embeddings of {path} have "
             f"{vocab_size} rows: not the vocabulary the checkpoint was trained with"
         )
-    return str(vocab)
+    return str(find_vocab(vocab).resolve())
 
 
 # --- train --init -------------------------------------------------------------------------

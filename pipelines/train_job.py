@@ -16,19 +16,20 @@ from typing import Any
 
 import torch
 
-from vlpipe.config import merge, resolve, to_dict, to_toml
+from vlpipe.config import merge_all, resolve, to_dict, to_toml
+from vlpipe.distributed import from_env
 from vlpipe.errors import ConfigError, InputError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, build_vocab
-from vlpipe.fusion.model import TaskModel, fusion_classes, fusion_needs
+from vlpipe.fusion.model import TaskModel, fusion_classes, fusion_needs, make_fusion_config
 from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import TrainConfig, train
-from vlpipe.io import write_text_atomic
+from vlpipe.io import write_bytes_atomic, write_text_atomic
 from vlpipe.pipelines.configs import TrainJob, preset_layer
 from vlpipe.pipelines.data import DataSpec, _tokenizer, build_dataset, fusion_dims
 from vlpipe.provenance import encoder_identity
-from vlpipe.tokenizer import BERT_VOCAB_SIZE
+from vlpipe.tokenizer import BERT_VOCAB_SIZE, MAX_LENGTH
 
 CONFIG_FILE = "config.toml"
 VOCAB_FILE = "vocab.txt"  # a tokenizing fusion's WordPiece vocab, copied into the run
@@ -37,15 +38,34 @@ VOCAB_FILE = "vocab.txt"  # a tokenizing fusion's WordPiece vocab, copied into t
 def resolve_train(*layers: dict, names: dict | None = None) -> TrainJob:
     """The TrainJob of the layers (file, --set, flags: later ones win) over its preset: the one
     they name, else the fusion's and task's."""
-    top: dict = {}
-    for layer in layers:
-        top = merge(top, layer)
-    named = top.get("preset")
-    name, preset = preset_layer(named, top.get("fusion", "concat"), top.get("task", ""))
-    if named is None and "fusion" not in top and preset.get("fusion"):
-        name, preset = preset_layer(None, preset["fusion"], top.get("task", ""))
+    top = merge_all(*layers)
+    name, preset = preset_layer(top.get("preset"), top.get("fusion", "concat"), top.get("task", ""))
     job = resolve(TrainJob, preset, *layers, names=names)
+    _check_applies(job, merge_all(preset, top), names or {})
     return dataclasses.replace(job, preset=name) if name else job
+
+
+# Options that apply only to some jobs: (field, when it applies, what to say otherwise).
+_TOKENIZING = ("lxmert", "lstm")
+
+
+def _check_applies(job: TrainJob, given: dict, names: dict) -> None:
+    """An option given (other than at its default) where it does nothing is an error."""
+    defaults = {"vocab": None, "max_length": MAX_LENGTH, "answer_table": None}
+    defaults |= {"partial_init": False, "init_bert": None, "init": None}
+    rules = [
+        ("vocab", job.fusion in _TOKENIZING, "only fusions that tokenize (lxmert, lstm)"),
+        ("max_length", job.fusion in _TOKENIZING, "only fusions that tokenize (lxmert, lstm)"),
+        ("answer_table", job.init is not None, "only with --init"),
+        ("partial_init", job.init is not None, "only with --init"),
+        ("init", job.fusion == "lxmert", "LXMERT checkpoints: only --fusion lxmert"),
+        ("init_bert", job.fusion == "lxmert", "BERT language layers: only --fusion lxmert"),
+    ]
+    for name, applies, why in rules:
+        if not applies and given.get(name, defaults[name]) != defaults[name]:
+            raise ConfigError(f"{names.get((name,), name)}: {why}, not --fusion {job.fusion}")
+    if job.optim.optimizer == "bertadam" and job.optim.warmup_ratio >= 1:
+        raise ConfigError("--warmup-ratio must be < 1 with --optimizer bertadam (warmup_linear)")
 
 
 def data_specs(job: TrainJob) -> tuple[DataSpec, DataSpec | None]:
@@ -53,6 +73,10 @@ def data_specs(job: TrainJob) -> tuple[DataSpec, DataSpec | None]:
     default to the training ones)."""
     train_spec = DataSpec.of(job.task, job.data, job.eval)
     if not job.validates:
+        given = [f for f, v in vars(job.val).items() if v not in (None, False, [])]
+        if given:
+            flags = ", ".join(f"--val-{f.replace('_', '-')}" for f in given)
+            raise ConfigError(f"{flags}: validation needs --val-split or --val-annotations")
         return train_spec, None
     val = job.val
     val = dataclasses.replace(
@@ -61,36 +85,37 @@ def data_specs(job: TrainJob) -> tuple[DataSpec, DataSpec | None]:
         text_features=val.text_features or job.data.text_features,
         annotations_format=val.annotations_format or job.data.annotations_format,
     )
-    return train_spec, DataSpec.of(job.task, val, job.eval)
+    return train_spec, dataclasses.replace(DataSpec.of(job.task, val, job.eval), role="val")
 
 
-def _check_run_dir(job: TrainJob) -> None:
-    """Never train over an earlier run by accident; --overwrite removes only what vlpipe wrote."""
+def _check_run_dir(job: TrainJob) -> bool:
+    """Never train over an earlier run by accident. True when --overwrite will replace one
+    (only the files vlpipe wrote, once everything else has been checked)."""
     if job.out.exists() and not job.out.is_dir():
         raise ckpt.RunError(f"--out {job.out} is a file, not a run folder")
     if job.resume or not (job.out / ckpt.LATEST).exists():
-        return
+        return False
     if not job.overwrite:
         raise ckpt.RunError(
             f"{job.out} already holds a run: pass --resume to continue it or "
             "--overwrite to start again"
         )
-    ckpt.clear_run(job.out)
+    return True
 
 
 def run_train(job: TrainJob) -> dict[str, Any]:
     """Train the job's run; returns the last validation metrics ({} without validation)."""
-    _check_run_dir(job)
+    replace = _check_run_dir(job)
     train_spec, val_spec = data_specs(job)
     task = get_task(job.task, (val_spec or train_spec).evaluation())
     needs = fusion_needs(job.fusion)
-    train_recs = train_spec.records()
-    vocab = _answer_vocab(job, task, train_recs)
     texts = CacheSet(train_spec.text_features) if train_spec.text_features else None
     tokenizer, vocab_path = (None, None)
     if "text_ids" in needs:
         tokenizer, vocab_path = _tokenizer(job.vocab, texts)
-    data = build_dataset(train_spec, task, vocab, needs, tokenizer, job.max_length, train_recs)
+    data = build_dataset(train_spec, task, None, needs, tokenizer, job.max_length)
+    # the answers are counted over the examples that train (after --skip-missing)
+    data.vocab = vocab = _answer_vocab(job, task, data.records)
     val = None
     if val_spec is not None:
         val = build_dataset(val_spec, task, vocab, needs, tokenizer, job.max_length)
@@ -107,7 +132,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         "fusion": job.fusion,
         "fusion_config": dataclasses.asdict(fusion_config),
         "answers": vocab.answers,
-        "tokenizer": _tokenizer_meta(vocab_path, job.max_length),
+        "tokenizer": _tokenizer_meta(vocab_path, tokenizer, job.max_length),
         "caches": {
             "image": data.images.provenance,
             "text": data.texts.provenance if data.texts else None,
@@ -120,29 +145,44 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     }
     if job.resume:
         _check_resumable(job.out, meta, cfg, job.accept_changes)
-    job.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(job.out / CONFIG_FILE, to_toml(job))
-    if vocab_path is not None:  # the run carries its tokenizer: evaluation needs no other path
-        write_text_atomic(job.out / VOCAB_FILE, Path(vocab_path).read_text(encoding="utf-8"))
+    if from_env().main:  # rank 0 alone writes the run folder (the others wait in the trainer)
+        if replace:
+            ckpt.clear_run(job.out)
+        job.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(job.out / CONFIG_FILE, to_toml(job))
+        if vocab_path is not None:  # the run carries its tokenizer: evaluation needs no path
+            write_bytes_atomic(job.out / VOCAB_FILE, Path(vocab_path).read_bytes())
     return train(
         model, task, data, cfg, job.out, meta, val=val, resume=job.resume, progress=job.progress
     )
 
 
-def _tokenizer_meta(vocab_path: str | None, max_length: int) -> dict[str, Any]:
-    """How the run tokenizes: its own copy of the vocab (RUN/vocab.txt) and that file's sha256,
-    so the run neither depends on nor records a path of the machine it was trained on."""
+def _tokenizer_meta(vocab_path: str | None, tokenizer, max_length: int) -> dict[str, Any]:
+    """How the run tokenizes: its own copy of the vocab (RUN/vocab.txt), that file's sha256 and
+    the lower-casing, so the run neither depends on nor records a path of the machine it was
+    trained on."""
     if vocab_path is None:
         return {"vocab": None, "max_length": max_length}
     from vlpipe.provenance import sha256_file
 
-    return {"vocab": VOCAB_FILE, "vocab_sha256": sha256_file(vocab_path), "max_length": max_length}
+    return {
+        "vocab": VOCAB_FILE,
+        "vocab_sha256": sha256_file(vocab_path),
+        "lowercase": bool(getattr(tokenizer, "do_lower_case", True)),
+        "max_length": max_length,
+    }
 
 
 def _fusion_config(job: TrainJob, widths: dict[str, int]):
     """The fusion's config: the widths its caches give, then --model-config, each value
     checked against the fusion's config class."""
     config_cls, _ = fusion_classes(job.fusion)
+    for key, width in widths.items():
+        if key in job.model and job.model[key] != width:
+            raise ConfigError(
+                f"--model-config {key}={job.model[key]}: the caches give {width}; the fusion "
+                "takes its input widths from them"
+            )
     return resolve(config_cls, widths, job.model, where=f"--model-config ({job.fusion})")
 
 
@@ -165,13 +205,23 @@ def run_identity(meta: dict, train_config: dict) -> dict:
         "fusion": meta.get("fusion"),
         "fusion_config": meta.get("fusion_config"),
         "answers": meta.get("answers"),
-        "tokenizer": meta.get("tokenizer"),
+        "tokenizer": _tokenizer_identity(meta.get("tokenizer")),
         "image features": encoder_identity(caches.get("image")),
         "text features": encoder_identity(caches.get("text")),
         "training data": meta.get("data"),
         "train": {k: v for k, v in train_config.items() if k not in RESUMABLE},
     }
     return _flatten(json.loads(json.dumps(identity, default=str)))
+
+
+def _tokenizer_identity(tokenizer: dict | None) -> dict | None:
+    """How a run tokenizes, without the path its vocab was read from (runs record the vocab's
+    sha256; earlier runs recorded a path, which is not compared)."""
+    if tokenizer is None:
+        return None
+    return {
+        k: tokenizer.get(k) for k in ("vocab_sha256", "lowercase", "max_length") if k in tokenizer
+    }
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -193,17 +243,41 @@ def _check_resumable(run_dir: Path, meta: dict, cfg: TrainConfig, accept: bool) 
     # a field added to TrainConfig after the run was written had its default then
     was = run_identity(saved, {**dataclasses.asdict(TrainConfig()), **saved.get("train", {})})
     now = run_identity(meta, dataclasses.asdict(cfg))
-    changed = {k: (was.get(k), now.get(k)) for k in sorted(was.keys() | now.keys())}
-    changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+    # what the saved run does not record (it predates that part of the identity) is not compared
+    changed = {k: (was[k], now.get(k)) for k in sorted(was) if was[k] != now.get(k)}
     if not changed:
         return
     listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
     more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
-    sizes = [k for k in changed if k.startswith("fusion_config.")]
-    if sizes or not accept:
-        hint = "" if sizes else "; pass --accept-changes to continue anyway"
+    shapes = _shape_changes(saved, meta)
+    if shapes:
+        raise ckpt.RunError(
+            f"{latest}: cannot resume: the model's parameters change shape ({shapes}); the run "
+            f"differs: {listing}{more}"
+        )
+    if not accept:
+        hint = "; pass --accept-changes to continue anyway"
         raise ckpt.RunError(f"{latest}: cannot resume, the run differs: {listing}{more}{hint}")
     print(f"WARNING: resuming {run_dir} with changes: {listing}{more}", file=sys.stderr)
+
+
+def _shape_changes(saved: dict, meta: dict) -> str:
+    """The parameters whose shapes differ between the saved run's model and this one (built
+    on the meta device: no memory, no time); '' when the weights still fit."""
+    import torch
+
+    def shapes(m: dict) -> dict[str, tuple]:
+        task = get_task(m["task"])
+        with torch.device("meta"):
+            config = make_fusion_config(m["fusion"], m["fusion_config"])
+            model = TaskModel(m["fusion"], config, len(m["answers"]), task.images_per_example)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    a, b = shapes(saved), shapes(meta)
+    differ = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+    return ", ".join(sorted(differ)[:3]) + (
+        f" (+{len(differ) - 3} more)" if len(differ) > 3 else ""
+    )
 
 
 def _answer_vocab(job: TrainJob, task: Task, records) -> AnswerVocab:
@@ -220,8 +294,6 @@ def _answer_vocab(job: TrainJob, task: Task, records) -> AnswerVocab:
 
 def _initialise(model: TaskModel, job: TrainJob, task: Task, vocab: AnswerVocab) -> None:
     if job.init:
-        if job.fusion != "lxmert":
-            raise ConfigError(f"--init loads LXMERT checkpoints; the fusion is {job.fusion!r}")
         from vlpipe.pipelines.lxmert_import import initialise_from
 
         lines = initialise_from(

@@ -88,3 +88,35 @@ def test_a_run_carries_its_vocab(tmp_path):
     shutil.move(run, moved)  # no path of the training machine is needed to evaluate it
     out = vlpipe("evaluate", "--run", moved, *data[:4], "--annotations", data[-1], "--json")
     assert json.loads(out.output)["n"] == 12
+
+
+def test_a_run_records_how_its_tokenizer_cases(tmp_path, minilm_dir):
+    from tests.fusion_fixtures import gqa_color_task
+    from vlpipe.fusion.registry import FUSIONS
+
+    cased = tmp_path / "cased"
+    cased.mkdir()
+    shutil.copy(minilm_dir / "vocab.txt", cased / "vocab.txt")
+    (cased / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    data = gqa_color_task(tmp_path, n_images=6)
+    tiny = json.dumps(FUSIONS["lxmert"].tiny)
+    vlpipe("train", *data, "--fusion", "lxmert", "--model-config", tiny, "--vocab", cased,
+           "--epochs", "1", "--no-progress", "--out", tmp_path / "run")  # fmt: skip
+    run = tmp_path / "run"
+    meta = json.loads((run / (run / "LATEST").read_text() / "run.json").read_text())
+    assert meta["tokenizer"]["lowercase"] is False
+    assert (run / "vocab.txt").read_bytes() == (cased / "vocab.txt").read_bytes()
+
+
+def test_a_text_cache_identity_is_its_vocab_not_the_path_to_it(tmp_path, minilm_dir, monkeypatch):
+    questions = {"q0": {"imageId": "i", "question": "what color?", "answer": "red"}}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    shutil.copytree(minilm_dir, tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    args = ["extract", "--backbone", "bert", "--dataset", "gqa", "--annotations", "q.json"]
+    args += ["--no-progress", "--out", "t.h5"]
+    vlpipe(*args, "--weights", "bert")
+    again = vlpipe(
+        *args, "--weights", tmp_path / "bert", "--resume"
+    )  # the same model, by another path
+    assert "skipped 1 already cached" in again.output

@@ -113,7 +113,7 @@ def test_resume_refuses_another_precision(image_folder, tmp_path):
     out = vlpipe(
         *vit_args(image_folder, tmp_path / "v.h5", "--resume", "--precision", "bf16"), code=1
     )
-    assert "cannot resume" in out.output and "'precision': ('fp32', 'bf16')" in out.output
+    assert "cannot resume" in out.output and "precision: 'fp32' -> 'bf16'" in out.output
     assert len(FeatureCache(tmp_path / "v.h5")) == 2
 
 

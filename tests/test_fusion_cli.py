@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_VIT, vlpipe
-from tests.fusion_fixtures import COLORS, QUESTIONS, gqa_color_task, image_cache, text_cache
+from tests.fusion_fixtures import COLORS, PROV, QUESTIONS, gqa_color_task, image_cache, text_cache
 from vlpipe.data_manifests.base import TextRecord
 
 
@@ -371,7 +371,7 @@ def test_skip_missing_trains_on_the_examples_with_features(tmp_path):
     # one image that failed at extraction (recorded in its own cache), one never extracted
     failed = tmp_path / "failed.h5"
     schema = FeatureCache(tmp_path / "img.h5").schema
-    with CacheWriter(failed, schema, {"backbone": "vit"}) as writer:
+    with CacheWriter(failed, schema, PROV) as writer:
         writer.add_failure("img50", "/data/img50.png", "truncated file")
     questions["x1"] = {"imageId": "img50", "question": QUESTIONS[0], "answer": "red"}
     questions["x2"] = {"imageId": "img99", "question": QUESTIONS[0], "answer": "red"}

@@ -510,3 +510,18 @@ def test_cli_train_init_from_a_fine_tuned_checkpoint(gqa_folder):
     assert "BEST.pth" in failed.output and "l_layers 2 (file) vs 3 (model)" in failed.output
     ok = vlpipe(*args, "--model-config", other, "--out", gqa_folder / "r3", "--partial-init")
     assert "partial load: l_layers 2 (file) vs 3 (model)" in ok.output
+
+
+def test_cli_evaluates_an_hf_folder_given_by_a_relative_path(gqa_folder, monkeypatch):
+    from tests.conftest import vlpipe
+
+    torch.manual_seed(0)
+    LxmertForQuestionAnswering(hf_config(len(ANSWERS))).save_pretrained(gqa_folder / "hfqa")
+    write_vocab(gqa_folder / "hfqa" / "vocab.txt")
+    monkeypatch.chdir(gqa_folder)  # the folder, its vocab and the data all relative
+    lxmert = ["--task", "gqa", "--answers", "label2ans.json"]
+    data = ["--features", "img.h5", "--annotations", "q.json"]
+    result = vlpipe("evaluate", "--run", "hfqa", *data, *lxmert, "--json")
+    assert json.loads(result.stdout)["n"] == 12
+    vlpipe("predict", "--run", "hfqa", *data, *lxmert, "--out", "p.json")
+    assert len(json.loads((gqa_folder / "p.json").read_text())) == 12

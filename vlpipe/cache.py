@@ -77,7 +77,13 @@ from vlpipe.cache_layout import (
 )
 from vlpipe.cache_reader import FeatureCache, ShardRecord
 from vlpipe.io import atomic_write, describe_os_error, publish, quiet_teardown, write_text_atomic
-from vlpipe.provenance import identity_diff, identity_digest, provenance_identity, sha256_file
+from vlpipe.provenance import (
+    describe_diff,
+    identity_diff,
+    identity_digest,
+    provenance_identity,
+    sha256_file,
+)
 
 # The public names of the cache, wherever they are defined.
 __all__ = [
@@ -291,8 +297,8 @@ class CacheWriter:
         diff = identity_diff(self.provenance, info.provenance)
         if diff:
             raise CacheError(
-                f"{info.path}: cannot resume, the run differs (cache, now): {diff}; use a new "
-                "--out, or --overwrite to replace the cache"
+                f"{info.path}: cannot resume, the run differs (cache -> now): "
+                f"{describe_diff(diff)}; use a new --out, or --overwrite to replace the cache"
             )
 
     def _next_seq(self) -> int:

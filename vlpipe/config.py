@@ -23,6 +23,7 @@ from typing import Any, Union
 from vlpipe.errors import ConfigError
 
 MISSING = dataclasses.MISSING
+DEVICE_HELP = "auto (CUDA when present) | cpu | cuda | cuda:N"  # every job's --device
 
 
 def opt(
@@ -165,6 +166,14 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def merge_all(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The layers merged in order, later ones winning."""
+    data: dict[str, Any] = {}
+    for layer in layers:
+        data = merge(data, layer)
+    return data
+
+
 def resolve(
     cls: type,
     *layers: Mapping[str, Any],
@@ -175,10 +184,7 @@ def resolve(
 
     Errors name the option as `names` spells its field path (the command line passes its
     flags, e.g. {("optim", "lr"): "--lr"}), else by its dotted path after `where`."""
-    data: dict[str, Any] = {}
-    for layer in layers:
-        data = merge(data, layer)
-    return _build(cls, data, (), where, names or {})
+    return _build(cls, merge_all(*layers), (), where, names or {})
 
 
 def _label(path: tuple[str, ...], where: str, names: Mapping[tuple[str, ...], str]) -> str:
@@ -224,6 +230,8 @@ def check(f: dataclasses.Field, hint: Any, value: Any, label: str) -> Any:
 def _check_bounds(value: Any, meta: Mapping[str, Any], label: str) -> None:
     if value is None:
         return
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{label} must be a number, got nan")
     low, high = meta.get("minimum"), meta.get("maximum")
     if low is not None and value < low:
         raise ConfigError(f"{label} must be >= {low:g}, got {value!r}")
@@ -293,9 +301,9 @@ def _scalar(hint: Any, value: Any, label: str) -> Any:
         except ValueError:
             raise ConfigError(f"{label} should be a number, got {value!r}") from None
     if hint in (str, Path):
-        if not isinstance(value, (str, Path)):
+        if isinstance(value, bool) or not isinstance(value, (str, Path, int, float)):
             raise ConfigError(f"{label} should be a {'path' if hint is Path else 'string'}")
-        return hint(value)
+        return hint(value)  # a number from TOML / YAML / --set (vqa_eval = 2016) is its text
     return value
 
 

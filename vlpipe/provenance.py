@@ -8,6 +8,7 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 RANDOM_INIT = "random-init"
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
@@ -38,16 +39,37 @@ IDENTITY_FIELDS = (
 
 def provenance_identity(provenance: dict) -> dict:
     """The identity part of a cache's provenance (see IDENTITY_FIELDS), JSON-normalised."""
-    identity = {name: provenance.get(name) for name in IDENTITY_FIELDS}
+    identity = json.loads(json.dumps({n: provenance.get(n) for n in IDENTITY_FIELDS}, default=str))
     if identity["weights_sha256"] != RANDOM_INIT:
         identity["seed"] = None
-    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+    prep = identity.get("preprocessing")
+    if isinstance(prep, dict) and "vocab_sha256" in prep:  # the vocab's content, not its path
+        prep.pop("vocab", None)
+    return json.loads(json.dumps(identity, sort_keys=True))
 
 
 def identity_digest(provenance: dict) -> str:
     """sha256 of `provenance_identity(provenance)`: equal digests, interchangeable features."""
     text = json.dumps(provenance_identity(provenance), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def describe_diff(diff: dict[str, tuple], limit: int = 6) -> str:
+    """`identity_diff` as "field.sub: theirs -> ours; ...", down to the leaves that differ."""
+    leaves: list[str] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(a.keys() | b.keys()):
+                if a.get(key) != b.get(key):
+                    walk(f"{path}.{key}", a.get(key), b.get(key))
+        else:
+            leaves.append(f"{path}: {a!r} -> {b!r}")
+
+    for name, (theirs, ours) in diff.items():
+        walk(name, theirs, ours)
+    more = f" (+{len(leaves) - limit} more)" if len(leaves) > limit else ""
+    return "; ".join(leaves[:limit]) + more
 
 
 def identity_diff(ours: dict, theirs: dict) -> dict[str, tuple]:

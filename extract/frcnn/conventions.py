@@ -264,8 +264,11 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     """Parse a config.yaml with yaml.safe_load (never runs code); {} for an empty file."""
     import yaml
 
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, Mapping):
         raise InputError(f"{path}: expected a mapping at the top level")
     if set(data) == {"config"} and isinstance(data["config"], Mapping):
@@ -296,12 +299,15 @@ def hf_config_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
         value = next((v for v in (_lookup(config, k) for k in keys) if v is not None), None)
         if value is None:
             continue
-        if name in ("pixel_mean", "pixel_std", "maxnms_thresholds"):
-            value = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
-        elif name in ("rpn_min_size", "rpn_nms_threshold"):
-            value = float(value)
-        else:
-            value = int(value)
+        try:
+            if name in ("pixel_mean", "pixel_std", "maxnms_thresholds"):
+                value = tuple(float(v) for v in (value if isinstance(value, list) else [value]))
+            elif name in ("rpn_min_size", "rpn_nms_threshold"):
+                value = float(value)
+            else:
+                value = int(value)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"config.yaml {keys[0]}: {value!r} is not a number ({err})") from err
         out[name] = value
     fmt = _lookup(config, "input.format")
     if isinstance(fmt, str) and fmt.upper() in ("BGR", "RGB"):

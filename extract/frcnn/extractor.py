@@ -269,17 +269,17 @@ def _check_model_kwargs(kwargs: dict[str, Any]) -> None:
     moved = sorted(set(kwargs) & set(MOVED_TO_CONVENTIONS))
     if moved:
         hint = ", ".join(f"--frcnn-set {MOVED_TO_CONVENTIONS[k]}=..." for k in moved)
-        raise ConfigError(f"--model-kwargs {moved}: test-time settings now go through {hint}")
+        raise ConfigError(f"--model-config {moved}: test-time settings now go through {hint}")
     known = {f.name for f in dataclasses.fields(FrcnnConfig)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise ConfigError(
-            f"--model-kwargs: unknown FrcnnConfig fields {unknown}; known: {sorted(known)}"
+            f"--model-config: unknown FrcnnConfig fields {unknown}; known: {sorted(known)}"
         )
 
 
 def config_from_kwargs(model_kwargs: dict[str, Any]) -> FrcnnConfig:
-    """`--model-kwargs` JSON -> FrcnnConfig: field overrides, `"tiny": true` for the test-size
+    """`--model-config` JSON -> FrcnnConfig: field overrides, `"tiny": true` for the test-size
     model, `"convention": "caffe"` for a box convention by name; JSON lists become tuples."""
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
     tiny = bool(kwargs.pop("tiny", False))
@@ -325,7 +325,7 @@ def load_model(
         return BUTDFasterRCNN(config_from_kwargs(model_kwargs), resolved).eval(), source
     if model_kwargs.get("tiny"):
         raise ConfigError(
-            "--model-kwargs 'tiny' builds a random test model; drop it with --weights"
+            "--model-config 'tiny' builds a random test model; drop it with --weights"
         )
     refuse_pickle(resolve_weights_file(weights), allow_pickle=allow_pickle)  # before any work
     config_overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in model_kwargs.items()}
