@@ -7,7 +7,6 @@ two pooled outputs and classifies them, as LXMERT does.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -30,14 +29,13 @@ def fusion_classes(name: str) -> tuple[type, type]:
     return fusion_spec(name).classes()
 
 
-def make_fusion_config(name: str, values: dict[str, Any]):
-    """The fusion's config dataclass from a dict; unknown keys are an error naming them."""
+def make_fusion_config(name: str, *layers: dict[str, Any], where: str | None = None):
+    """The fusion's config dataclass from dicts (later ones win); unknown keys and values of the
+    wrong type are an error naming them."""
+    from vlpipe.config import resolve
+
     config_cls, _ = fusion_classes(name)
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"fusion {name!r} has no config fields {unknown}; it has {sorted(known)}")
-    return config_cls(**values)
+    return resolve(config_cls, *layers, where=where or f"fusion {name!r} config")
 
 
 def fusion_needs(name: str) -> tuple[str, ...]:

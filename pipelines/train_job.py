@@ -22,7 +22,7 @@ from vlpipe.errors import ConfigError, InputError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, build_vocab
-from vlpipe.fusion.model import TaskModel, fusion_classes, fusion_needs, make_fusion_config
+from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
 from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import TrainConfig, train
 from vlpipe.io import write_bytes_atomic, write_text_atomic
@@ -176,14 +176,13 @@ def _tokenizer_meta(vocab_path: str | None, tokenizer, max_length: int) -> dict[
 def _fusion_config(job: TrainJob, widths: dict[str, int]):
     """The fusion's config: the widths its caches give, then --model-config, each value
     checked against the fusion's config class."""
-    config_cls, _ = fusion_classes(job.fusion)
     for key, width in widths.items():
         if key in job.model and job.model[key] != width:
             raise ConfigError(
                 f"--model-config {key}={job.model[key]}: the caches give {width}; the fusion "
                 "takes its input widths from them"
             )
-    return resolve(config_cls, widths, job.model, where=f"--model-config ({job.fusion})")
+    return make_fusion_config(job.fusion, widths, job.model, where=f"--model-config ({job.fusion})")
 
 
 # TrainConfig fields a resumed run may change: where and how fast it runs, and when it stops.
