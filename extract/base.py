@@ -109,11 +109,14 @@ class Extractor(nn.Module):
 
 
 def parse_weights(weights: str | None) -> str | None:
-    """`--weights`: a path, or "random" to ask for random init. None (not given) is an error so
+    """`--weights`: a path, `installed:NAME` (weights inside an installed package, see
+    vlpipe.installed), or "random" to ask for random init. None (not given) is an error so
     nobody caches random features by accident."""
     if weights is None:
         raise WeightsError(
             "no --weights given: pass a checkpoint file or model folder, or "
             "`--weights random` to extract from a randomly initialised model"
         )
-    return None if weights == "random" else weights
+    from vlpipe.installed import resolve
+
+    return None if weights == "random" else resolve(weights)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.lxmert.modeling_lxmert import LxmertAttention, LxmertXLayer
 
+from vlpipe.errors import ConfigError
+
 
 class SdpaLxmertAttention(LxmertAttention):
     """`LxmertAttention` with the same parameters, computed by scaled_dot_product_attention.
@@ -100,3 +102,12 @@ def language_only_tail(last_layer: LxmertXLayer) -> None:
     last_layer.__class__ = LanguageTailXLayer
     for part in (last_layer.visn_self_att, last_layer.visn_inter, last_layer.visn_output):
         part.requires_grad_(False)
+
+
+def check_heads(hidden: int, heads: int, fusion: str) -> None:
+    """Attention splits the width into equal heads: a config that cannot is an error naming
+    both fields (not transformers' traceback)."""
+    if heads < 1 or hidden < 1 or hidden % heads:
+        raise ConfigError(
+            f"{fusion} config: hidden={hidden} must be a positive multiple of heads={heads}"
+        )

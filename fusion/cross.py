@@ -17,7 +17,7 @@ from transformers import LxmertConfig
 from transformers.models.lxmert.modeling_lxmert import LxmertVisualFeatureEncoder, LxmertXLayer
 
 from vlpipe.errors import ConfigError
-from vlpipe.fusion.attention import additive_mask, language_only_tail, use_sdpa
+from vlpipe.fusion.attention import additive_mask, check_heads, language_only_tail, use_sdpa
 
 
 @dataclass
@@ -33,6 +33,7 @@ class CrossFusionConfig:
     init_std: float = 0.02  # BERT / LXMERT initialisation
 
     def to_transformers(self) -> LxmertConfig:
+        check_heads(self.hidden, self.heads, "cross")
         if self.layers < 1:
             raise ConfigError("CrossFusion needs layers >= 1")
         return LxmertConfig(

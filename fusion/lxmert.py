@@ -29,7 +29,7 @@ from torch import nn
 from transformers import LxmertConfig, LxmertModel
 
 from vlpipe.errors import ConfigError
-from vlpipe.fusion.attention import language_only_tail, use_sdpa
+from vlpipe.fusion.attention import check_heads, language_only_tail, use_sdpa
 from vlpipe.fusion.heads import head_names
 from vlpipe.tokenizer import BERT_VOCAB_SIZE
 from vlpipe.weights import LoadReport, WeightsError, load_into, read_state_dict
@@ -51,6 +51,7 @@ class LxmertFusionConfig:
     type_vocab_size: int = 2
 
     def to_transformers(self) -> LxmertConfig:
+        check_heads(self.hidden, self.heads, "lxmert")
         if self.x_layers < 1:
             raise ConfigError(
                 "LxmertFusion needs x_layers >= 1: the pooled output is read after "

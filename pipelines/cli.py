@@ -205,9 +205,12 @@ def _job_commands() -> None:
     command(app, "predict", configs.PredictJob, _predict, help=PREDICT_HELP)
     command(app, "score", configs.ScoreJob, _score, help=SCORE_HELP, extra=json_flag)
     command(app, "demo", configs.DemoOptions, _demo, help=DEMO_HELP)
+    command(app, "ablate", configs.AblateJob, _ablate, help=ABLATE_HELP, prefixes=ABLATE_PREFIXES)
+    command(app, "report", configs.ReportJob, _report, help=REPORT_HELP)
 
 
 TRAIN_PREFIXES = {"val": "val-"}
+ABLATE_PREFIXES = {"slurm": "slurm-"}
 EXTRACT_HELP = "Run a frozen encoder over a dataset and cache its features."
 IMPORT_HELP = "Turn region features written by other tools into a vlpipe cache."
 TRAIN_HELP = (
@@ -219,6 +222,11 @@ EVALUATE_HELP = "Print the official metrics of a trained run on a labelled split
 PREDICT_HELP = "Write the official submission file: VQA / GQA json, NLVR2 csv."
 DEMO_HELP = "easy-VQA end to end: extract ViT (or ResNet) + MiniLM BERT -> train -> test accuracy."
 SCORE_HELP = "Score a predictions file with the official metrics (no model, no caches)."
+ABLATE_HELP = (
+    "Run every configuration of a grid file from one set of caches (extracted once), then "
+    "write the results table. A rerun skips finished runs and resumes interrupted ones."
+)
+REPORT_HELP = "One table (Markdown, CSV, JSON) and plots of the runs under some folders."
 
 
 def _resolved(cls, config, sets, flags, prefixes=None):
@@ -295,6 +303,40 @@ def _score(config, sets, flags, as_json: bool) -> None:
     except _user_errors() as err:
         _fail(err)
     _print_results(results, as_json)
+
+
+def _ablate(config, sets, flags) -> None:
+    from vlpipe.pipelines.ablate import run_ablate
+    from vlpipe.pipelines.configs import AblateJob
+
+    try:
+        job = _resolved(AblateJob, config, sets, flags, ABLATE_PREFIXES)
+        planned, report = run_ablate(job)
+    except _user_errors() as err:
+        _fail(err)
+    failed = [p for p in planned if p.state in ("failed", "changed")]
+    if report is not None:
+        typer.echo(f"\n{report.read_text()}\n{report} (and .csv, .json, results.png, curves.png)")
+    if failed and report is not None:  # a dry run lists states, it fails nothing
+        typer.secho(f"{len(failed)} runs failed:", fg="red", err=True)
+        for p in failed:
+            typer.echo(f"  {p.plan.name}: {p.error}", err=True)
+        raise typer.Exit(1)
+
+
+def _report(config, sets, flags) -> None:
+    from vlpipe.pipelines.configs import ReportJob
+    from vlpipe.pipelines.report import write_report
+
+    try:
+        job = _resolved(ReportJob, config, sets, flags)
+        if not job.dirs:
+            raise ConfigError("report: name at least one run folder, or a folder holding runs")
+        path = write_report(job.dirs, job.out or job.dirs[0], job.checkpoint)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(path.read_text())
+    typer.echo(f"{path} (and .csv, .json, results.png, curves.png)")
 
 
 @app.command()

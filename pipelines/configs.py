@@ -263,7 +263,10 @@ class ExtractJob:
     )
     limit: int | None = opt(None, "only the first N items, in natural key order", minimum=1)
     weights: str | None = opt(
-        None, "checkpoint file or model folder; 'random' for random init (recorded as such)"
+        None,
+        "checkpoint file or model folder; installed:NAME for weights inside an installed "
+        "package (minilm, efficientnet-lite0, efficientnet-lite2); 'random' for random init "
+        "(recorded as such)",
     )
     arch: str | None = opt(None, "timm architecture / BERT name (default: the paper's)")
     model: dict[str, Any] = opt(
@@ -321,6 +324,64 @@ class ImportJob:
     shard_items: int = opt(4096, "images per shard", minimum=1)
     resume: bool = opt(False, "continue an interrupted import", save=False)
     overwrite: bool = opt(False, "replace an earlier vlpipe cache at --out", save=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Ablations
+# --------------------------------------------------------------------------------------------
+CHECKPOINT_HELP = "which checkpoint of a run: best (by the task's headline metric) or latest"
+
+
+@dataclass(kw_only=True)
+class SlurmConfig:
+    """Per run on SLURM (`--executor slurm`, through submitit)."""
+
+    partition: str | None = opt(None, "SLURM partition (default: the cluster's)")
+    time_min: int = opt(240, "time limit per run, minutes", minimum=1)
+    cpus: int = opt(8, "CPUs per run", minimum=1)
+    gpus: int = opt(1, "GPUs per run", minimum=0)
+    mem_gb: int = opt(32, "memory per run, GB", minimum=1)
+
+
+@dataclass(kw_only=True)
+class AblateJob:
+    """`vlpipe ablate`: every run of a grid file from one set of caches, then the report."""
+
+    grid: Path = opt(
+        help="grid file (TOML / YAML): \\[caches], \\[base], \\[grid], \\[variants] tables",
+        argument=True,
+    )
+    out: Path = opt(help="folder of the grid: caches/, runs/<name>/, results.*")
+    jobs: int = opt(1, "runs at a time (local executor)", minimum=1)
+    executor: str = opt(
+        "local",
+        "local: vlpipe train processes; slurm: SLURM jobs through submitit; submitit-local: "
+        "submitit's local executor, for trying a SLURM setup",
+        choices=("local", "slurm", "submitit-local"),
+    )
+    threads: int = opt(
+        0, "torch CPU threads per run (0: the cores split between --jobs)", minimum=0
+    )
+    device: str = opt("auto", DEVICE_HELP)
+    checkpoint: str = opt("best", CHECKPOINT_HELP, choices=("best", "latest"))
+    dry_run: bool = opt(False, "list the runs and their states, run nothing", save=False)
+    progress: bool = opt(True, "progress bars while extracting the caches", save=False)
+    slurm: SlurmConfig = section(SlurmConfig)
+
+
+@dataclass(kw_only=True)
+class ReportJob:
+    """`vlpipe report`: one table of the runs under some folders, with plots."""
+
+    dirs: list[Path] = opt(
+        help="run folders, or folders holding them (an ablation's --out)",
+        argument=True,
+        factory=list,
+    )
+    out: Path | None = opt(
+        None, "where results.{md,csv,json} and the plots go (default: the first folder)"
+    )
+    checkpoint: str = opt("best", CHECKPOINT_HELP, choices=("best", "latest"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +464,9 @@ def _load_preset(name: str) -> dict[str, Any]:
 
 __all__ = [
     "APPLIES",
+    "AblateJob",
+    "ReportJob",
+    "SlurmConfig",
     "VISION",
     "DataConfig",
     "DemoOptions",
