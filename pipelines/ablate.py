@@ -96,24 +96,34 @@ def _write_state(run_dir: Path, **fields: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # The grid's caches
 # --------------------------------------------------------------------------------------------
+def cache_jobs(grid: Grid, job: AblateJob) -> dict[str, Any]:
+    """The grid's extraction jobs, resolved and checked (a bad option fails before anything
+    runs); an existing cache is resumed: finished, nothing is extracted again."""
+    from vlpipe.pipelines.extract_job import resolve_extract
+
+    jobs = {}
+    for name, layer in grid.caches.items():
+        resume = Path(layer["out"]).exists()
+        run = {"resume": resume, "progress": job.progress, "device": job.device}
+        try:
+            jobs[name] = resolve_extract(layer, {"run": run})
+        except ConfigError as err:
+            raise ConfigError(f"{grid.path}: caches.{name}: {err}") from err
+    return jobs
+
+
 def extract_caches(grid: Grid, job: AblateJob) -> None:
     """Extract each cache the grid names, once: a finished cache is reused, an interrupted one
     completed (extraction resumes)."""
-    from vlpipe.pipelines.extract_job import resolve_extract, run_extract
+    from vlpipe.pipelines.extract_job import run_extract
 
-    for name, layer in grid.caches.items():
-        out = Path(layer["out"])
-        run = {"resume": out.exists(), "progress": job.progress, "device": job.device}
-        try:
-            extract = resolve_extract(layer, {"run": run})
-        except ConfigError as err:
-            raise ConfigError(f"{grid.path}: caches.{name}: {err}") from err
-        out.parent.mkdir(parents=True, exist_ok=True)
+    for name, extract in cache_jobs(grid, job).items():
+        Path(extract.out).parent.mkdir(parents=True, exist_ok=True)
         summary = run_extract(extract)
         print(f"cache {name}: {summary.written} new items, {summary.skipped} reused", flush=True)
         if summary.failures:
             raise ConfigError(
-                f"cache {name} ({out}): {len(summary.failures)} items failed; "
+                f"cache {name} ({extract.out}): {len(summary.failures)} items failed; "
                 "`vlpipe inspect` lists them"
             )
 
@@ -125,6 +135,7 @@ def run_ablate(job: AblateJob) -> tuple[list[Planned], Path | None]:
     """Plan, extract the caches, run what is not done, write the report. Returns the runs
     (their final states) and the report's results.md (None on a dry run)."""
     grid = load_grid(job.grid, job.out)
+    cache_jobs(grid, job)  # every option checked before anything runs
     planned = plan_runs(grid)
     print_plan(grid, planned)
     if job.dry_run:
