@@ -62,7 +62,7 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     cls_only = opts.fusion == "concat"  # the concat model reads CLS vectors only
     tag = "_cls" if cls_only else ""  # token caches and CLS caches live side by side
     vision = opts.vision_settings()
-    resnet = {k: vision[k] for k in ("layer", "pool") if k in vision}
+    cnn = {k: vision[k] for k in ("layer", "pool") if k in vision}
     # one cache per setting: another --vision-arch / --image-size / weights gets its own
     weights = "random" if opts.vision_weights is None else Path(opts.vision_weights).stem
     name = f"{opts.vision}-{vision['arch']}-{vision['image_size']}px-{weights}{tag}"
@@ -76,8 +76,8 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
             "image_size": vision["image_size"],
             "cls_only": cls_only,
         }
-        if resnet:
-            image["resnet"] = resnet
+        if cnn:
+            image["cnn"] = cnn
         bert = {
             "backbone": "bert",
             "out": str(work / f"{split}_bert{tag}.h5"),
