@@ -255,8 +255,8 @@ class CnnSection:
     pool: str | None = opt(None, "pooled image vector (default avg)", choices=("avg", "max"))
     weights_layout: str | None = opt(
         None,
-        "the --weights file's key layout: timm | lukemelas (EfficientNet-Lite .pth) | resmem "
-        "(model.pt); default: read off its keys",
+        "the --weights file's key layout (lukemelas: EfficientNet-Lite .pth, resmem: ResMem's "
+        "model.pt); default: read off its keys",
         choices=WEIGHTS_LAYOUTS,
     )
 

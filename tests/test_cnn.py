@@ -102,8 +102,9 @@ def _drop(state, key):
         ("squeeze-excite", "first mismatch _blocks.1._se_reduce.weight: not a name"),
         (
             "misshapen",
-            "_blocks.3._depthwise_conv.weight -> blocks.2.0.conv_dw.weight: file (144, 1, 3, 3) vs model (144, 1, 5, 5)",
-        ),  # noqa: E501
+            "_blocks.3._depthwise_conv.weight -> blocks.2.0.conv_dw.weight: "
+            "file (144, 1, 3, 3) vs model (144, 1, 5, 5)",
+        ),
         ("two misshapen", "first mismatch _blocks.1._bn0.bias -> blocks.1.0.bn1.bias: file (3,)"),
     ],
 )
