@@ -99,12 +99,18 @@ class Extractor(nn.Module):
         (vlpipe.cache_format.FACTS): the patch grid, the tokenizer vocab."""
         return {}
 
+    def weights_conversion(self) -> dict[str, Any]:
+        """How the weights file was converted from another key layout ("weights_layout",
+        "converted_from"); {} for a file in the model's own layout, or none."""
+        return {}
+
     def provenance(self) -> dict[str, Any]:
         return {
             "backbone": self.backbone,
             "model": json.loads(json.dumps(self.model_record, default=str)),
             "preprocessing": self.preprocessing(),
             **prov.weights_record(self.weights_path),
+            **self.weights_conversion(),
         }
 
 

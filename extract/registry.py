@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # the CLI reads BACKBONES for its --help: no torch import her
 BACKBONES = {
     "vit": "vlpipe.extract.vit:build_vit",
     "bert": "vlpipe.extract.bert:build_bert",
-    "resnet": "vlpipe.extract.resnet:build_resnet",
+    "resnet": "vlpipe.extract.cnn:build_resnet",
+    "cnn": "vlpipe.extract.cnn:build_cnn",
     "frcnn": "vlpipe.extract.frcnn.extractor:build_frcnn",
 }
 

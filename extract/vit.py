@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlpipe.errors import ConfigError
 from vlpipe.extract.base import Batch, Extractor, ImageTransform
-from vlpipe.weights import load_into, read_state_dict
+from vlpipe.weights import LoadReport, load_into, read_state_dict
 
 DEFAULT_ARCH = "vit_base_patch16_224"  # the paper's ViT-B/16
 
@@ -49,7 +51,17 @@ class ViTExtractor(Extractor):
 def build_timm(
     arch: str, weights: str | None, image_size: int | None, model_kwargs: dict[str, Any]
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A timm model with local weights loaded strictly (shared by ViT and ResNet)."""
+    """A timm model with local weights in timm's own layout loaded strictly."""
+    model, record = create_timm(arch, image_size, model_kwargs)
+    if weights is not None:
+        load_timm_state(model, read_state_dict(weights), weights)
+    return model, record
+
+
+def create_timm(
+    arch: str, image_size: int | None, model_kwargs: dict[str, Any]
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A randomly initialised timm model without a classifier, and its provenance record."""
     import timm
 
     if not timm.is_model(arch):
@@ -62,15 +74,24 @@ def build_timm(
     if image_size and arch.startswith(("vit", "deit", "beit", "eva")):
         kwargs["img_size"] = image_size
     model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-    if weights is not None:
-        state = read_state_dict(weights)
-        state = _timm_filter(model, state)
-        load_into(model, state, weights, ignore=lambda k: k.startswith(("head.", "fc.")))
     return model, {
         "arch": arch,
         "kwargs": kwargs,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def head_keys(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Is a key one of the classifier's, which the model built without? (`head.` / `fc.`, and
+    the classifier timm's pretrained_cfg names: EfficientNet's `classifier.`)"""
+    named = (model.pretrained_cfg or {}).get("classifier") or ()
+    prefixes = ("head.", "fc.", *(f"{n}." for n in ((named,) if isinstance(named, str) else named)))
+    return lambda key: key.startswith(prefixes)
+
+
+def load_timm_state(model: torch.nn.Module, state: dict, source: str | Path) -> LoadReport:
+    """A state dict in timm's own names into `model`, strictly (its classifier set aside)."""
+    return load_into(model, _timm_filter(model, state), source, ignore=head_keys(model))
 
 
 def _timm_filter(model: torch.nn.Module, state: dict) -> dict:

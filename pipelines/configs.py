@@ -236,12 +236,29 @@ class FrcnnSection:
     d2_config: Path | None = opt(None, "--impl detectron2: the detectron2 yaml config")
 
 
-@dataclass(kw_only=True)
-class ResnetSection:
-    """Options of `--backbone resnet` only (None: the last stage, global average pooling)."""
+# The checkpoint layouts vlpipe.extract.cnn_weights converts (LAYOUT_NAMES; kept here so that
+# the command line's help imports no torch).
+WEIGHTS_LAYOUTS = ("timm", "lukemelas", "resmem")
 
-    layer: str | None = opt(None, "stage whose output is cached, e.g. layer3 (C4)")
+
+@dataclass(kw_only=True)
+class CnnSection:
+    """Options of `--backbone cnn` and `--backbone resnet` (None: the last stage, global average
+    pooling, the layout the file's keys have). Configs written before `cnn` existed name this
+    section `resnet`; it is read as this one."""
+
+    layer: str | None = opt(
+        None,
+        "stage whose output is cached: a timm feature_info module (resnet: layer3 = C4; "
+        "EfficientNet: blocks.4), forward_features, or an index (-1: the last)",
+    )
     pool: str | None = opt(None, "pooled image vector (default avg)", choices=("avg", "max"))
+    weights_layout: str | None = opt(
+        None,
+        "the --weights file's key layout (lukemelas: EfficientNet-Lite .pth, resmem: ResMem's "
+        "model.pt); default: read off its keys",
+        choices=WEIGHTS_LAYOUTS,
+    )
 
 
 @dataclass(kw_only=True)
@@ -268,7 +285,11 @@ class ExtractJob:
         "package (minilm, efficientnet-lite0, efficientnet-lite2); 'random' for random init "
         "(recorded as such)",
     )
-    arch: str | None = opt(None, "timm architecture / BERT name (default: the paper's)")
+    arch: str | None = opt(
+        None,
+        "timm architecture / BERT name (default: the paper's; cnn: tf_efficientnet_lite0, or "
+        "what a converted file fits)",
+    )
     model: dict[str, Any] = opt(
         help="extra model config, e.g. a tiny model",
         flag="model-config",
@@ -286,18 +307,18 @@ class ExtractJob:
     threads: int = opt(0, THREADS_HELP, minimum=0)
     run: RunConfig = section(RunConfig)
     frcnn: FrcnnSection = section(FrcnnSection)
-    resnet: ResnetSection = section(ResnetSection)
+    cnn: CnnSection = section(CnnSection)
 
 
 # Which backbones each option applies to: giving it for another one is an error naming it.
 APPLIES = {
-    "cls_only": ("vit", "resnet", "bert"),
+    "cls_only": ("vit", "resnet", "cnn", "bert"),
     "max_length": ("bert",),
     "vocab": ("bert",),
-    "image_size": ("vit", "resnet", "frcnn"),
-    "arch": ("vit", "resnet", "bert"),
+    "image_size": ("vit", "resnet", "cnn", "frcnn"),
+    "arch": ("vit", "resnet", "cnn", "bert"),
     "frcnn": ("frcnn",),
-    "resnet": ("resnet",),
+    "cnn": ("resnet", "cnn"),
 }
 
 

@@ -82,8 +82,8 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
             "cls_only": cls_only,
             "limit": opts.limit,
         }
-        if stage:
-            image[vision["backbone"]] = stage
+        if stage:  # the [cnn] section: the stage and pooling of a CNN backbone
+            image["cnn"] = stage
         bert = {
             "backbone": "bert",
             "out": str(work / f"{split}_bert{tag}.h5"),

@@ -20,6 +20,7 @@ from vlpipe.pipelines.configs import APPLIES, ExtractJob
 def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
     """The ExtractJob of the layers (file, --set, flags); an option given for a backbone it
     does not apply to is an error naming it (defaults never are)."""
+    layers = tuple(_legacy_sections(layer) for layer in layers)
     given = merge_all(*layers)
     job = resolve(ExtractJob, *layers, names=names)
     defaults = _defaults()
@@ -38,6 +39,19 @@ def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
                 f"{flags}: only for --backbone {' | '.join(backbones)}, not {job.backbone!r}"
             )
     return job
+
+
+def _legacy_sections(layer: dict) -> dict:
+    """A layer with the section configs written before `--backbone cnn` call `resnet` (every
+    extract config a cache recorded until then) read as the `cnn` section, which it became;
+    where a layer has both, `cnn` wins."""
+    if not isinstance(layer, dict) or "resnet" not in layer:
+        return layer
+    layer = dict(layer)
+    old = layer.pop("resnet")
+    both = isinstance(old, dict) and isinstance(layer.get("cnn"), dict)
+    layer["cnn"] = merge_all(old, layer["cnn"]) if both else layer.get("cnn", old)
+    return layer
 
 
 def _defaults() -> dict[str, Any]:
@@ -59,7 +73,8 @@ def build_from_job(job: ExtractJob):
     import torch
 
     weights = parse_weights(job.weights)
-    specific = {"frcnn": _frcnn_options(job.frcnn), "resnet": _given(job.resnet)}
+    cnn = _given(job.cnn)
+    specific = {"frcnn": _frcnn_options(job.frcnn), "resnet": cnn, "cnn": cnn}
     torch.manual_seed(job.run.seed)  # random-init weights are a function of the seed
     try:
         extractor = _build(job, weights, specific)

@@ -16,10 +16,11 @@ from vlpipe.extract.registry import BACKBONES
 TINY = {
     "vit": ["--arch", "vit_tiny_patch16_224", "--model-config", TINY_VIT, "--image-size", "32"],
     "resnet": ["--arch", "resnet18", "--image-size", "32"],
+    "cnn": ["--arch", "tf_efficientnet_lite0", "--image-size", "32", "--layer", "blocks.4"],
     "frcnn": ["--model-config", '{"tiny": true}', "--image-size", "64", "--max-size", "128"],
     "bert": ["--model-config", TINY_BERT],
 }
-KIND = {"vit": "patches", "resnet": "grid", "frcnn": "regions", "bert": "tokens"}
+KIND = {"vit": "patches", "resnet": "grid", "cnn": "grid", "frcnn": "regions", "bert": "tokens"}
 
 
 def test_every_backbone_has_a_tiny_config():
@@ -52,6 +53,7 @@ def test_tiny_extraction(tmp_path, name, minilm_dir):
     facts = {
         "vit": {"grid": [2, 2]},  # 32 px / 16 px patches
         "resnet": {"grid": [1, 1]},  # 32 px / stride 32
+        "cnn": {"grid": [2, 2]},  # 32 px / stride 16
         "frcnn": {"box_unit": "pixels"},
         "bert": {"max_length": 20, "vocab_size": 30522},
     }[name]

@@ -258,7 +258,7 @@ def test_resnet_earlier_stage_max_pooled(image_folder, tmp_path):
     vit = ["extract", "--backbone", "vit", "--dataset", "folder", "--root", image_folder]
     vit += ["--weights", "random"]
     err = vlpipe(*vit, "--out", tmp_path / "y.h5", "--pool", "max", code=1).output
-    assert "--pool: only for --backbone resnet, not 'vit'" in err
+    assert "--pool: only for --backbone resnet | cnn, not 'vit'" in err
 
 
 def test_bert_easy_vqa_with_real_minilm(minilm_dir, tmp_path):

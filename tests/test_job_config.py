@@ -156,10 +156,11 @@ TINY_EXTRACT += ["--model-config", '{"embed_dim": 32, "depth": 1, "num_heads": 2
         (["--backbone", "vit", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--backbone", "vit", "--arch", "vit_tiny_patch"], "not a timm architecture; close:"),
         (["--backbone", "vit", "--max-length", "30"], "--max-length: only for --backbone bert"),
-        (["--backbone", "vit", "--layer", "layer2"], "--layer: only for --backbone resnet"),
+        (["--backbone", "vit", "--layer", "layer2"], "--layer: only for --backbone resnet | cnn"),
+        (["--backbone", "vit", "--weights-layout", "timm"], "--weights-layout: only for"),
         (["--backbone", "vit", "--annotations", "q.json"], "--annotations: image backbones"),
-        (["--backbone", "frcnn", "--cls-only"], "--cls-only: only for --backbone vit | resnet"),
-        (["--backbone", "nope"], "--backbone must be one of vit, bert, resnet, frcnn"),
+        (["--backbone", "frcnn", "--cls-only"], "--cls-only: only for --backbone vit | resnet |"),
+        (["--backbone", "nope"], "--backbone must be one of vit, bert, resnet, cnn, frcnn"),
     ],
 )
 def test_wrong_extract_values_name_the_option(tmp_path, args, message):
@@ -198,7 +199,8 @@ def test_bert_options_are_checked_too(tmp_path):
         tmp_path / "b.h5",
         code=1,
     )
-    assert "--image-size: only for --backbone vit | resnet | frcnn, not 'bert'" in result.output
+    expect = "--image-size: only for --backbone vit | resnet | cnn | frcnn, not 'bert'"
+    assert expect in result.output
 
 
 @pytest.mark.parametrize("case", ["text cache as features", "min count", "folder", "no answers"])

@@ -12,6 +12,7 @@ tensors to `load_into`, which checks names and shapes, copies them, and says wha
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +61,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_torch(file: str | Path) -> object:
     """`torch.load` that runs no code (`weights_only`: tensors, containers, numbers), on the
-    CPU; a file it cannot read is an error naming it."""
+    CPU; a file it cannot read is an error naming it. A file that pickles objects (a whole
+    `torch.save(model)`) is refused: loading it would mean unpickling, which runs code."""
+    import pickle
+
     with _read_errors(file):
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" ({', '.join(found)})" if found else ""
+            raise WeightsError(
+                f"{file}: pickles objects besides tensors{what}, e.g. a whole torch.save(model); "
+                "vlpipe reads state dicts only, never unpickling code: where you trust the file, "
+                "re-save it as torch.save(model.state_dict(), PATH)"
+            ) from err
 
 
 @contextlib.contextmanager
