@@ -354,6 +354,8 @@ class Trainer:
             len(self.data), self.cfg.seed, self.epoch, self.offset, self.dist.rank, self.dist.world
         )
         loader = self.data.loader(self.cfg.batch_size, order, self.cfg.num_workers)
+        # a step's micro-batches are read before its first backward: their weights need the
+        # step's example count (the last step of an epoch has fewer)
         for group in _groups(loader, self.cfg.grad_accum):
             start = time.perf_counter()
             batches = [to_device(batch, self.device) for batch in group]

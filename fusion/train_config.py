@@ -23,9 +23,8 @@ class TrainConfig:
     )
     grad_accum: int = opt(
         1,
-        "forward passes of --batch-size per optimizer step: the effective batch is batch size x "
-        "grad accum x processes; steps (schedule, --max-steps, --ckpt-every, --val-every, the "
-        "log) count optimizer steps",
+        "batches per optimizer step (effective batch: batch size x this x processes); steps, "
+        "as --max-steps, --val-every, the schedule and the log count them, are optimizer steps",
         minimum=1,
     )
     lr: float = opt(5e-5, "peak learning rate", minimum=0.0)
