@@ -121,6 +121,14 @@ class Task:
             return F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
         return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
+    def loss_count(self, target: torch.Tensor) -> int:
+        """How many examples `loss_fn`'s mean is over: every one (bce), those whose answer is in
+        the vocabulary (ce: the others are IGNORE). Gradient accumulation weighs each
+        micro-batch's loss by this, so a step's loss is the mean over the step's examples."""
+        if self.loss == "bce":
+            return len(target)
+        return int((target != IGNORE).sum())
+
     def evaluate(self, preds: dict[str, str], recs: Sequence[TextRecord]) -> dict:
         """Official metric of predictions {key: answer string} against the labelled records,
         in record order (the annotation file's, which the official evaluators sum in)."""

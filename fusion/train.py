@@ -5,10 +5,16 @@ checkpoints, exact resume.
 Exact resume: the data order of epoch e is a permutation seeded by (seed, e), the trainer
 state holds step, optimizer, scheduler and the torch RNG (dropout), so an interrupted run
 continued with --resume takes the same steps as an uninterrupted one.
+
+A step is an optimizer step: grad_accum micro-batches of batch_size examples each. Validation
+(every epoch, or every val_every steps) never draws from the global RNG, writes a checkpoint,
+and moves the BEST pointer when the task's headline metric is the highest so far; the best and
+the patience count of early stopping are part of the trainer state, so they resume exactly too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -25,6 +31,7 @@ from torch.utils.data import Sampler
 
 from vlpipe import distributed
 from vlpipe.distributed import resolve_device
+from vlpipe.errors import ConfigError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.data import TaskDataset
 from vlpipe.fusion.model import TaskModel
@@ -208,13 +215,33 @@ def _restore(state, opt, sched) -> tuple[int, int, int]:
     return state["step"], state["epoch"], state.get("offset", state.get("skip", 0))
 
 
+def steps_per_epoch(n: int, batch_size: int, grad_accum: int, world: int) -> int:
+    """Optimizer steps per epoch: this rank's share in batches, grad_accum batches a step (the
+    last step of an epoch may take fewer)."""
+    return math.ceil(math.ceil(EpochOrder.per_rank(n, world) / batch_size) / grad_accum)
+
+
+def _groups(batches: Iterator[dict] | Any, size: int) -> Iterator[list[dict]]:
+    """The batches in groups of `size` (the last one may be smaller)."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class Trainer:
-    """The state of one run: model (DDP-wrapped under torchrun), optimizer, schedule, position.
-    Rank 0 alone logs and writes checkpoints; metrics are gathered across ranks."""
+    """The state of one run: model (DDP-wrapped under torchrun), optimizer, schedule, position,
+    and the validation record (best headline metric, validations since it improved). Rank 0
+    alone logs and writes checkpoints; metrics are gathered across ranks, so every rank judges
+    a validation alike and stops early at the same step."""
 
     def __init__(
         self,
@@ -235,15 +262,21 @@ class Trainer:
         self.meta = dict(meta, train=asdict(cfg), world_size=self.dist.world)
         model.to(self.device)
         self.net = self._wrap(model)
-        self.per_epoch = math.ceil(EpochOrder.per_rank(len(data), self.dist.world) / cfg.batch_size)
-        total = self.per_epoch * cfg.epochs
-        self.limit = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.per_epoch = steps_per_epoch(len(data), cfg.batch_size, cfg.grad_accum, self.dist.world)
+        self.total = self.per_epoch * cfg.epochs
+        self.limit = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
         self.opt = make_optimizer(model, cfg)
-        self.sched = make_schedule(self.opt, total, cfg.warmup_ratio, cfg.optimizer)
+        self.sched = make_schedule(self.opt, self.total, cfg.warmup_ratio, cfg.optimizer)
         self.amp = cfg.amp and self.device.type == "cuda"
-        # The position, and the only one: steps taken, epoch, items of this rank's share of the
-        # epoch already trained on. Checkpoints store exactly these three.
+        # The position, and the only one: optimizer steps taken, epoch, items of this rank's
+        # share of the epoch already trained on. Checkpoints store exactly these three.
         self.step, self.epoch, self.offset = 0, 0, 0
+        # The validation record, in the trainer state too: the best headline metric so far
+        # ({"metric", "value", "step"}) and the validations in a row that did not improve it.
+        self.best: dict[str, Any] | None = None
+        self.bad_evals = 0
+        self.results: dict[str, Any] = {}  # the last validation's
+        self.saved_at = -1  # the step of the last checkpoint written
         self.progress = progress and self.dist.main
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -256,58 +289,78 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             raise ckpt.RunError(f"{self.run_dir}: nothing to resume (no checkpoint)")
-        saved_world = ckpt.load_meta(latest).get("world_size", 1)
+        saved = ckpt.load_meta(latest)
+        saved_world = saved.get("world_size", 1)
         if saved_world != self.dist.world:
             raise ckpt.RunError(
                 f"{latest}: written by {saved_world} processes, resuming with "
                 f"{self.dist.world} would change the data order"
             )
         ckpt.load_weights(latest, self.model)
-        self.step, self.epoch, self.offset = _restore(
-            ckpt.load_trainer_state(latest), self.opt, self.sched
-        )
+        state = ckpt.load_trainer_state(latest)
+        self.step, self.epoch, self.offset = _restore(state, self.opt, self.sched)
+        # trainer states written before validation was recorded hold neither
+        self.best, self.bad_evals = state.get("best"), state.get("bad_evals", 0)
+        self.results, self.saved_at = saved.get("eval") or {}, self.step
+        if self.best is not None and self.dist.main:  # a kill may have come before BEST moved
+            ckpt.point_best(self.run_dir, self.best["step"])
 
-    def save(self, extra: dict[str, Any] | None = None) -> None:
+    def save(self, extra: dict[str, Any] | None = None, best: bool = False) -> None:
         """Checkpoint the current position (rank 0 writes; all ranks wait for it)."""
         if self.dist.main:
             state = _trainer_state(self.step, self.epoch, self.offset, self.opt, self.sched)
-            ckpt.save_checkpoint(
-                self.run_dir, self.step, self.model, dict(self.meta, **(extra or {})), state
-            )
+            state.update(best=self.best, bad_evals=self.bad_evals)
+            meta = dict(self.meta, **(extra or {}))
+            if self.best is not None:
+                meta["best"] = self.best
+            ckpt.save_checkpoint(self.run_dir, self.step, self.model, meta, state, best=best)
+        self.saved_at = self.step
         distributed.barrier(self.dist)
 
     def fit(self, val: TaskDataset | None = None) -> dict[str, Any]:
-        """Train (from the resumed position), checkpoint, evaluate after every epoch."""
+        """Train (from the resumed position), validate and checkpoint as configured, stop
+        early when the headline metric stops improving. Returns the last validation's
+        results."""
+        if val is None and (self.cfg.val_every or self.cfg.early_stop):
+            raise ConfigError("--val-every and --early-stop need validation examples")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.stopped_early():
+            self._say_stopped("; nothing more to train (a larger --early-stop continues it)")
+            return self.results
         log = Logger(self.run_dir, self.limit, self.step, self.progress, self.dist.main)
-        results: dict[str, Any] = {}
         try:
             while self.epoch < self.cfg.epochs and self.step < self.limit:
-                if not self._epoch(log):  # stopped by max_steps: resumable from here
-                    self.save()
+                if not self._epoch(log, val):  # stopped by max_steps or early stopping
                     break
                 self.epoch, self.offset = self.epoch + 1, 0
-                results = self._validate(val, log) if val is not None else results
-                self.save({"eval": results})
+                self._epoch_end(val, log)
+                if self.stopped_early():
+                    break
+            if self.saved_at != self.step:  # stopped by max_steps: resumable from here
+                self.save()
         finally:
             log.close()
         if self.dist.main:
             plot_curves(self.run_dir / "train_log.csv", self.run_dir / "curves.png")
-        return results
+        return self.results
 
-    def _epoch(self, log: Logger) -> bool:
+    def _epoch(self, log: Logger, val: TaskDataset | None) -> bool:
         """Train on this rank's share of the epoch from `self.offset` on, advancing the
-        position; True when the share is done, False when max_steps stopped it."""
+        position; True when the share is done, False when max_steps or early stopping stopped
+        it. The end of the share is `fit`'s to handle."""
         self.net.train()
         share = EpochOrder.per_rank(len(self.data), self.dist.world)
         order = EpochOrder(
             len(self.data), self.cfg.seed, self.epoch, self.offset, self.dist.rank, self.dist.world
         )
         loader = self.data.loader(self.cfg.batch_size, order, self.cfg.num_workers)
-        for batch in loader:
+        # a step's micro-batches are read before its first backward: their weights need the
+        # step's example count (the last step of an epoch has fewer)
+        for group in _groups(loader, self.cfg.grad_accum):
             start = time.perf_counter()
-            loss = distributed.mean(self.dist, self._step(to_device(batch, self.device)))
-            n = len(batch["target"])
+            batches = [to_device(batch, self.device) for batch in group]
+            loss = distributed.mean(self.dist, self._step(batches))
+            n = sum(len(batch["target"]) for batch in group)
             self.step, self.offset = self.step + 1, self.offset + n
             log.step(
                 {
@@ -318,23 +371,103 @@ class Trainer:
                     "samples_per_s": n * self.dist.world / (time.perf_counter() - start),
                 }
             )
-            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0 and self.offset < share:
-                self.save()
-            if self.step >= self.limit:
+            if self.offset < share:
+                self._periodic(val, log)
+            if self.step >= self.limit or self.stopped_early():
                 break
         return self.offset >= share
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            logits = self.net(batch)
-        loss = self.task.loss_fn(logits.float(), batch["target"])
+    def _periodic(self, val: TaskDataset | None, log: Logger) -> None:
+        """Within an epoch: validate every val_every steps, checkpoint every ckpt_every."""
+        cfg = self.cfg
+        if cfg.val_every and self.step % cfg.val_every == 0:
+            self._validate_and_save(val, log)
+        elif cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+            self.save()
+
+    def _epoch_end(self, val: TaskDataset | None, log: Logger) -> None:
+        """Validate (every epoch when val_every is 0, else on its steps and the run's last
+        step) and checkpoint."""
+        every = self.cfg.val_every
+        due = not every or self.step % every == 0 or self.step == self.total
+        if val is not None and due:
+            self._validate_and_save(val, log)
+        else:
+            self.save()
+
+    def _validate_and_save(self, val: TaskDataset | None, log: Logger) -> None:
+        self.results = self._validate(val, log)
+        improved = self._judge(self.results)
+        extra: dict[str, Any] = {"eval": self.results}
+        if self.stopped_early():
+            extra["stopped"] = self._stop_reason()
+        self.save(extra, best=improved)
+        if self.stopped_early():
+            self._say_stopped()
+
+    def _judge(self, results: dict[str, Any]) -> bool:
+        """Count a validation against the best headline metric so far: a gain of more than
+        early_stop_delta resets the patience count, anything less adds one to it; True when
+        it is the best (higher) so far, which BEST then names."""
+        metric = self.task.headline
+        value = results.get(metric)
+        if not isinstance(value, int | float):  # nothing labelled to score: no judgement
+            return False
+        before = self.best["value"] if self.best is not None else None
+        if before is None or value > before + self.cfg.early_stop_delta:
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+        if before is not None and not value > before:
+            return False
+        self.best = {"metric": metric, "value": float(value), "step": self.step}
+        return True
+
+    def stopped_early(self) -> bool:
+        return bool(self.cfg.early_stop) and self.bad_evals >= self.cfg.early_stop
+
+    def _stop_reason(self) -> str:
+        best = self.best or {}
+        return (
+            f"early_stop after {self.bad_evals} validations without improvement of "
+            f"{best.get('metric')} by more than {self.cfg.early_stop_delta} (best "
+            f"{best.get('value', float('nan')):.2f} at step {best.get('step')})"
+        )
+
+    def _say_stopped(self, then: str = "") -> None:
+        if self.dist.main:
+            print(f"{self.run_dir}: stopped at step {self.step}: {self._stop_reason()}{then}")
+
+    def _step(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step over `batches` (grad_accum micro-batches; the last step of an
+        epoch may have fewer). Each micro-batch's loss is weighed by its share of the examples
+        the step's loss is a mean over (Task.loss_count), so the gradient is that of the step
+        as one batch; under DDP only the last micro-batch synchronises gradients. Returns the
+        step's loss."""
+        counts = [self.task.loss_count(batch["target"]) for batch in batches]
+        total = sum(counts)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+            with self._sync(i == len(batches) - 1):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    logits = self.net(batch)
+                loss = self.task.loss_fn(logits.float(), batch["target"])
+                # a micro-batch without an answer in the vocabulary adds nothing (and no NaN)
+                loss = loss * (count / total) if count else logits.sum() * 0.0
+                loss.backward()
+            step_loss += float(loss.detach())
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        return float(loss.detach())
+        return step_loss
+
+    def _sync(self, last: bool):
+        """DDP all-reduces gradients on the last micro-batch of a step only."""
+        if last or not isinstance(self.net, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.net.no_sync()
 
     def _validate(self, val: TaskDataset, log: Logger) -> dict[str, Any]:
         results = evaluate(
@@ -346,6 +479,7 @@ class Trainer:
             self.cfg.num_workers,
             self.dist,
         )[0]
+        self.net.train()  # predict() left the model in eval mode; dropout resumes
         if self.dist.main:
             _append_jsonl(
                 self.run_dir / "eval_log.jsonl", dict(results, step=self.step, epoch=self.epoch)
@@ -368,7 +502,8 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train, checkpoint and (when `val` is given) evaluate after every epoch."""
+    """Train, checkpoint and (when `val` is given) validate after every epoch or every
+    cfg.val_every steps, keeping the best checkpoint and stopping early if asked."""
     trainer = Trainer(model, task, data, cfg, run_dir, meta, progress)
     if resume:
         trainer.resume()

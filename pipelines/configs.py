@@ -137,6 +137,11 @@ class ModelSource:
         help="run folder of `vlpipe train`, or an LXMERT task checkpoint: airsplay/lxmert's "
         "BEST.pth / LAST.pth, a Hugging Face LxmertForQuestionAnswering folder"
     )
+    checkpoint: str | None = opt(
+        None,
+        "which checkpoint of a run folder: best | latest | a step number (default: best when "
+        "the run validated, else latest)",
+    )
     task: str | None = opt(None, "LXMERT checkpoint: its task", choices=_tasks)
     answers: str | None = opt(None, "LXMERT checkpoint: its answer list (trainval_label2ans.json)")
     vocab: str | None = opt(None, "LXMERT checkpoint: BERT vocab.txt (bert-base-uncased's)")

@@ -24,31 +24,35 @@ if TYPE_CHECKING:
     from vlpipe.pipelines.lxmert_import import ImportOptions
 
 
-def load_run(run_dir: Path) -> tuple[TaskModel, dict[str, Any], Task]:
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
+def load_run(run_dir: Path, which: str | None = None) -> tuple[TaskModel, dict[str, Any], Task]:
+    """The model of one checkpoint of a run folder (`which`: see checkpoint.select_checkpoint),
+    its run.json with "checkpoint": {"path", "reason"} added, and its task."""
+    if ckpt.latest_checkpoint(run_dir) is None:
         raise ckpt.RunError(
             f"{run_dir}: no checkpoint: neither a `vlpipe train --out` folder nor an LXMERT "
             "checkpoint (BEST.pth / LAST.pth, a Hugging Face LxmertForQuestionAnswering folder)"
         )
-    meta = ckpt.load_meta(latest)
+    path, reason = ckpt.select_checkpoint(run_dir, which)
+    meta = ckpt.load_meta(path)
     task = get_task(meta["task"])
     config = make_fusion_config(meta["fusion"], meta["fusion_config"])
     model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)
-    ckpt.load_weights(latest, model)
+    ckpt.load_weights(path, model)
+    meta["checkpoint"] = {"path": str(path), "reason": reason}
     return model, meta, task
 
 
 def load_model(
-    path: Path, lxmert: ImportOptions | None = None
+    path: Path, lxmert: ImportOptions | None = None, which: str | None = None
 ) -> tuple[TaskModel, dict[str, Any], Task]:
-    """A `vlpipe train` run folder, or an LXMERT checkpoint from elsewhere (BEST.pth / LAST.pth
-    of airsplay/lxmert, a Hugging Face LxmertForQuestionAnswering folder)."""
+    """A `vlpipe train` run folder (the checkpoint `which` names), or an LXMERT checkpoint from
+    elsewhere (BEST.pth / LAST.pth of airsplay/lxmert, a Hugging Face
+    LxmertForQuestionAnswering folder: a single checkpoint, so `which` must be None)."""
     from vlpipe.pipelines.lxmert_import import ImportOptions, import_task_model, is_foreign
 
     lxmert = lxmert or ImportOptions()
     if (Path(path) / ckpt.LATEST).exists() or not is_foreign(path):
-        model, meta, task = load_run(path)
+        model, meta, task = load_run(path, which)
         if lxmert.task is not None and lxmert.task != task.name:
             raise ConfigError(f"{path}: a {task.name} run, not {lxmert.task}")
         given = [f"--{n}" for n in ("answers", "vocab") if getattr(lxmert, n) is not None]
@@ -58,13 +62,20 @@ def load_model(
                 "run, which carries its answers and vocab"
             )
         return model, meta, task
-    return import_task_model(path, lxmert)
+    if which is not None:
+        raise ConfigError(
+            f"--checkpoint {which}: {path} is a single LXMERT checkpoint, not a run folder "
+            "with checkpoints to choose from"
+        )
+    model, meta, task = import_task_model(path, lxmert)
+    meta["checkpoint"] = {"path": str(path), "reason": "an LXMERT checkpoint from elsewhere"}
+    return model, meta, task
 
 
 def run_dataset(
-    run_dir: Path, spec: DataSpec, lxmert: ImportOptions | None = None
+    run_dir: Path, spec: DataSpec, lxmert: ImportOptions | None = None, which: str | None = None
 ) -> tuple[TaskModel, Task, TaskDataset, dict]:
-    model, meta, task = load_model(run_dir, lxmert)
+    model, meta, task = load_model(run_dir, lxmert, which)
     spec.task = meta["task"]
     task = dataclasses.replace(task, evaluation=spec.evaluation())
     tokenizer = None
@@ -135,7 +146,7 @@ def run_evaluate(job: EvaluateJob) -> tuple[dict, dict]:
         )
     if warnings:
         results = dict(results, warnings=warnings)
-    return results, preds
+    return dict(results, checkpoint=meta["checkpoint"]), preds
 
 
 def run_predict(job: PredictJob) -> Path:
@@ -153,4 +164,7 @@ def _job_dataset(source: ModelSource, data: DataConfig, scoring: EvalConfig | No
     from vlpipe.pipelines.lxmert_import import ImportOptions
 
     lxmert = ImportOptions(source.task, source.answers, source.vocab)
-    return run_dataset(source.run, DataSpec.of("", data, scoring), lxmert)
+    found = run_dataset(source.run, DataSpec.of("", data, scoring), lxmert, source.checkpoint)
+    chosen = found[-1]["checkpoint"]
+    print(f"checkpoint: {chosen['path']} ({chosen['reason']})", file=sys.stderr)
+    return found

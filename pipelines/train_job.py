@@ -64,8 +64,23 @@ def _check_applies(job: TrainJob, given: dict, names: dict) -> None:
     for name, applies, why in rules:
         if not applies and given.get(name, defaults[name]) != defaults[name]:
             raise ConfigError(f"{names.get((name,), name)}: {why}, not --fusion {job.fusion}")
+    _check_validation_options(job, names)
     if job.optim.optimizer == "bertadam" and job.optim.warmup_ratio >= 1:
         raise ConfigError("--warmup-ratio must be < 1 with --optimizer bertadam (warmup_linear)")
+
+
+def _check_validation_options(job: TrainJob, names: dict) -> None:
+    """--val-every and --early-stop need validation, --early-stop-delta needs --early-stop."""
+    optim = job.optim
+
+    def flag(field: str) -> str:
+        return names.get(("optim", field), f"--{field.replace('_', '-')}")
+
+    for field in ("val_every", "early_stop"):
+        if getattr(optim, field) and not job.validates:
+            raise ConfigError(f"{flag(field)}: validation needs --val-split or --val-annotations")
+    if optim.early_stop_delta and not optim.early_stop:
+        raise ConfigError(f"{flag('early_stop_delta')}: only with {flag('early_stop')}")
 
 
 def data_specs(job: TrainJob) -> tuple[DataSpec, DataSpec | None]:
@@ -185,9 +200,12 @@ def _fusion_config(job: TrainJob, widths: dict[str, int]):
     return make_fusion_config(job.fusion, widths, job.model, where=f"--model-config ({job.fusion})")
 
 
-# TrainConfig fields a resumed run may change: where and how fast it runs, and when it stops.
-# Everything else of the run (model, answers, data, features, optimisation) is its identity.
+# TrainConfig fields a resumed run may change: where and how fast it runs, when it stops, and
+# when it validates (validation draws no random numbers: the weights take the same steps).
+# Everything else of the run (model, answers, data, features, optimisation, grad_accum) is its
+# identity.
 RESUMABLE = ("max_steps", "ckpt_every", "log_every", "num_workers", "device")
+RESUMABLE += ("val_every", "early_stop", "early_stop_delta")
 
 
 def _data_identity(records) -> dict:

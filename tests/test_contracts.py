@@ -87,7 +87,7 @@ def test_a_run_carries_its_vocab(tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.move(run, moved)  # no path of the training machine is needed to evaluate it
     out = vlpipe("evaluate", "--run", moved, *data[:4], "--annotations", data[-1], "--json")
-    assert json.loads(out.output)["n"] == 12
+    assert json.loads(out.stdout)["n"] == 12
 
 
 def test_a_run_records_how_its_tokenizer_cases(tmp_path, minilm_dir):

@@ -75,6 +75,19 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("ckpt-"))
 
 
+def test_two_ranks_accumulating_equal_one_process_with_the_whole_batch(tmp_path):
+    """--grad-accum under DDP: gradients synchronised on each step's last micro-batch only."""
+    data = gqa_color_task(tmp_path)
+    _run(_train_args(data, tmp_path / "one", 8))
+    _run([*_train_args(data, tmp_path / "two", 2), "--grad-accum", 2], torchrun=True)
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    assert two == pytest.approx(one, abs=1e-5)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for name in w1:
+        assert (w1[name] - w2[name]).abs().max() < 1e-4, name
+
+
 def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
     """torchrun -m vlpipe extract: disjoint items per rank, own shards, one index."""
     import numpy as np

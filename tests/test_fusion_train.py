@@ -147,6 +147,11 @@ def _losses(run_dir):
         return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
 
 
+def _eval_steps(run_dir):
+    lines = (run_dir / "eval_log.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
 def test_interrupted_run_resumed_equals_uninterrupted(caches, tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=5, lr=1e-2, seed=3, warmup_ratio=0.2)
     ds = dataset(caches, ("image_cls", "text_cls"))
@@ -268,3 +273,74 @@ def test_curves_show_the_validation_metric_when_there_is_one(tmp_path):
     (tmp_path / "eval_log.jsonl").write_text("\n".join(json.dumps(e) for e in evals) + "\n")
     plot_curves(tmp_path / "train_log.csv", tmp_path / "b.png")
     assert Image.open(tmp_path / "b.png").height == 3 * PANEL_H
+
+
+@pytest.mark.parametrize(("batch", "answers"), [(4, VOCAB.answers), (5, ["red", "green"])])
+def test_grad_accum_equals_one_batch_of_its_examples(caches, tmp_path, batch, answers):
+    """Two micro-batches of b per step take the steps of batch 2b (no dropout: concat). With
+    "blue" outside the vocabulary a third of the targets are IGNORE, unevenly per micro-batch:
+    weighing each micro-batch by its labelled examples keeps the equality (and 24 = 5+5, 5+5,
+    4 gives the steps of batch 10: 10, 10, 4)."""
+    vocab = AnswerVocab(answers)
+    ds = dataset(caches, ("image_cls", "text_cls"), vocab=vocab)
+    base = {"epochs": 2, "lr": 1e-2, "seed": 3, "warmup_ratio": 0.2}
+    models = {}
+    for name, cfg in (
+        ("one", TrainConfig(batch_size=2 * batch, **base)),
+        ("accum", TrainConfig(batch_size=batch, grad_accum=2, **base)),
+    ):
+        torch.manual_seed(0)
+        models[name] = tiny_model("concat", n_out=len(answers))
+        train(models[name], CE, ds, cfg, tmp_path / name, {"task": "color"}, progress=False)
+    one, accum = _losses(tmp_path / "one"), _losses(tmp_path / "accum")
+    assert [s for s, _ in accum] == [s for s, _ in one] == list(range(1, 7))
+    assert [v for _, v in accum] == pytest.approx([v for _, v in one], abs=1e-6)
+    for name, value in models["one"].state_dict().items():
+        torch.testing.assert_close(models["accum"].state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_grad_accum_stop_resume_with_dropout_equals_uninterrupted(caches, tmp_path):
+    # 24 questions, micro-batches of 3, 2 a step: 4 steps an epoch, 8 in all; validation at
+    # steps 3 and 6 (mid-epoch) and 8 (the last)
+    cfg = TrainConfig(epochs=2, batch_size=3, grad_accum=2, lr=1e-2, seed=3, val_every=3)
+    ds, val = dataset(caches, tiny_cross().needs), dataset(caches, tiny_cross().needs)
+
+    def run(out, max_steps=0, resume=False):
+        cut = TrainConfig(**{**cfg.__dict__, "max_steps": max_steps})
+        model = tiny_cross()
+        train(model, CE, ds, cut, tmp_path / out, {"task": "color"}, val=val, resume=resume,
+              progress=False)  # fmt: skip
+        return model
+
+    torch.manual_seed(0)
+    straight = run("a")
+    torch.manual_seed(0)
+    run("b", max_steps=2)  # mid-epoch, between validations
+    torch.manual_seed(11)
+    run("b", max_steps=5, resume=True)  # across the epoch's end, past a validation
+    torch.manual_seed(22)
+    resumed = run("b", resume=True)
+    assert [s for s, _ in _losses(tmp_path / "b")] == list(range(1, 9))
+    assert [v for _, v in _losses(tmp_path / "b")] == [v for _, v in _losses(tmp_path / "a")]
+    assert _eval_steps(tmp_path / "b") == _eval_steps(tmp_path / "a") == [3, 6, 8]
+    final = resumed.state_dict()
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, final[name]), name
+
+
+def test_validating_every_step_leaves_the_dropout_trajectory_alone(caches, tmp_path):
+    """Validation draws no random numbers and hands the model back in train mode: a dropout
+    model validated after every step takes the steps of one never validated."""
+    ds, val = dataset(caches, tiny_cross().needs), dataset(caches, tiny_cross().needs)
+    cfg = TrainConfig(epochs=1, batch_size=5, lr=1e-2, seed=3)
+    torch.manual_seed(0)
+    plain = tiny_cross()
+    train(plain, CE, ds, cfg, tmp_path / "a", {"task": "color"}, progress=False)
+    torch.manual_seed(0)
+    checked = tiny_cross()
+    every = TrainConfig(**{**cfg.__dict__, "val_every": 1})
+    train(checked, CE, ds, every, tmp_path / "b", {"task": "color"}, val=val, progress=False)
+    assert _eval_steps(tmp_path / "b") == [1, 2, 3, 4, 5]
+    assert [v for _, v in _losses(tmp_path / "b")] == [v for _, v in _losses(tmp_path / "a")]
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, checked.state_dict()[name]), name

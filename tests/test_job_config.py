@@ -141,6 +141,11 @@ def test_each_flag_once_and_every_default_in_help(command, monkeypatch):
     helptext = vlpipe(command, "--help").output
     if command == "train":
         assert "default 32" in helptext and "default 4" in helptext and "--config" in helptext
+        lines = {line.split()[1]: line for line in helptext.splitlines() if "│ --" in line}
+        for option in ("--grad-accum", "--val-every", "--early-stop", "--early-stop-delta"):
+            assert "; default " in lines[option], lines[option]
+    if command in ("evaluate", "predict"):
+        assert "--checkpoint" in helptext and "best | latest | a step number" in helptext
 
 
 TINY_EXTRACT = ["--weights", "random", "--arch", "vit_tiny_patch16_224", "--image-size", "32"]

@@ -63,6 +63,10 @@ def test_accept_changes_takes_a_dropout_change_not_a_shape_change(tmp_path):
         (["--model-config", '{"image_dim": 5}'], "--model-config image_dim=5: the caches give 16"),
         (["--lr", "nan"], "--lr must be a number, got nan"),
         (["--optimizer", "bertadam", "--warmup-ratio", "1"], "--warmup-ratio must be < 1"),
+        (["--val-every", "3"], "--val-every: validation needs --val-split or --val-annotations"),
+        (["--early-stop", "2"], "--early-stop: validation needs --val-split or"),
+        (["--early-stop-delta", "0.5"], "--early-stop-delta: only with --early-stop"),
+        (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
     ],
 )
 def test_options_that_would_do_nothing_or_break_are_named(tmp_path, args, message):

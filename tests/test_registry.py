@@ -111,7 +111,7 @@ def test_cli_train_evaluate_predict_per_fusion(tmp_path, name):
         run,
     )
     scores = json.loads(
-        vlpipe("evaluate", "--run", run, *data[:4], "--annotations", data[-1], "--json").output
+        vlpipe("evaluate", "--run", run, *data[:4], "--annotations", data[-1], "--json").stdout
     )
     assert 0 <= scores["accuracy"] <= 100 and scores["n"] == 12
     vlpipe("predict", "--run", run, *data[:4], "--annotations", data[-1])
