@@ -277,6 +277,8 @@ class Trainer:
         self.bad_evals = 0
         self.results: dict[str, Any] = {}  # the last validation's
         self.saved_at = -1  # the step of the last checkpoint written
+        # wall time spent training, over every session of the run (resumes add to it)
+        self.seconds_before, self.started = 0.0, time.perf_counter()
         self.progress = progress and self.dist.main
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -301,6 +303,7 @@ class Trainer:
         self.step, self.epoch, self.offset = _restore(state, self.opt, self.sched)
         # trainer states written before validation was recorded hold neither
         self.best, self.bad_evals = state.get("best"), state.get("bad_evals", 0)
+        self.seconds_before = float(saved.get("train_seconds", 0.0))
         self.results, self.saved_at = saved.get("eval") or {}, self.step
         if self.best is not None and self.dist.main:  # a kill may have come before BEST moved
             ckpt.point_best(self.run_dir, self.best["step"])
@@ -310,12 +313,16 @@ class Trainer:
         if self.dist.main:
             state = _trainer_state(self.step, self.epoch, self.offset, self.opt, self.sched)
             state.update(best=self.best, bad_evals=self.bad_evals)
-            meta = dict(self.meta, **(extra or {}))
+            meta = dict(self.meta, **(extra or {}), train_seconds=self.train_seconds())
             if self.best is not None:
                 meta["best"] = self.best
             ckpt.save_checkpoint(self.run_dir, self.step, self.model, meta, state, best=best)
         self.saved_at = self.step
         distributed.barrier(self.dist)
+
+    def train_seconds(self) -> float:
+        """Wall time of the run so far: the sessions before this one, and this one."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def fit(self, val: TaskDataset | None = None) -> dict[str, Any]:
         """Train (from the resumed position), validate and checkpoint as configured, stop
@@ -324,6 +331,7 @@ class Trainer:
         if val is None and (self.cfg.val_every or self.cfg.early_stop):
             raise ConfigError("--val-every and --early-stop need validation examples")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
         if self.stopped_early():
             self._say_stopped("; nothing more to train (a larger --early-stop continues it)")
             return self.results

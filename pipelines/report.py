@@ -1,10 +1,11 @@
 """`vlpipe report DIR [DIR...]`: one table of many runs, as a paper prints it.
 
-Each run folder's figures are its validation results at the checkpoint the report reads: the
-best validation by the task's headline metric (--checkpoint best) or the last validation
-(latest), as recorded in its eval_log.jsonl. Runs that differ only in their seed are one
-configuration: a row gives the mean and standard deviation over them, the per-answer-type (or
-per-metric) breakdown, the parameters, the train time, samples/s, and what made each input
+Each run folder's figures are its validation results at the checkpoint the report reads, the
+one `vlpipe evaluate --checkpoint` reads: the best validation by the task's headline metric
+(best, the BEST pointer) or the latest checkpoint (latest), as recorded with that checkpoint.
+Runs that differ only in their seed are one configuration: a row gives the mean and standard
+deviation over them, the per-answer-type (or per-metric) breakdown, the parameters, the train
+time, samples/s, and what made each input
 (backbone, architecture, weights sha256 or random-init, from the caches' provenance).
 
     OUT/results.md    the table (Markdown)       OUT/results.png   metric per configuration
@@ -43,9 +44,9 @@ class RunResult:
     task: str
     headline: str
     metrics: dict[str, float]  # headline first, then the breakdown
-    step: int | None  # the validation the figures come from
+    step: int  # the checkpoint the figures come from
     steps: int  # steps trained
-    which: str  # "best validation" | "last validation"
+    which: str  # why that checkpoint, in words
     params: int
     train_seconds: float | None
     samples_per_s: float | None
@@ -77,37 +78,43 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 
 
 def read_run(run_dir: Path, which: str) -> RunResult:
-    """The run's figures at its best (or last) validation, and what it is."""
+    """The run's figures at the checkpoint `vlpipe evaluate --checkpoint WHICH` reads: its
+    validation results, recorded with it when it was written."""
     from vlpipe.fusion.tasks import get_task
     from vlpipe.fusion.train import _read_jsonl
 
-    meta = ckpt.load_meta(ckpt.latest_checkpoint(run_dir))
+    chosen, reason = _chosen(run_dir, which)
+    meta, latest = ckpt.load_meta(chosen), ckpt.load_meta(ckpt.latest_checkpoint(run_dir))
     task = get_task(meta["task"])
     headline = task.headline
+    results = meta.get("eval") or {}
     evals = [e for e in _read_jsonl(run_dir / "eval_log.jsonl") if headline in e]
-    chosen = None
-    if evals:
-        chosen = max(evals, key=lambda e: e[headline]) if which == "best" else evals[-1]
-    config = _config(run_dir)
     state = _ablate_state(run_dir)
-    name = state.get("configuration") or _name_without_seed(run_dir.name)
     return RunResult(
         path=str(run_dir),
-        name=name,
+        name=state.get("configuration") or _name_without_seed(run_dir.name),
         seed=meta.get("train", {}).get("seed"),
         task=task.name,
         headline=headline,
-        metrics=_metrics(chosen, headline) if chosen else {},
-        step=chosen.get("step") if chosen else None,
-        steps=int(meta.get("step", 0)),
-        which="best validation" if which == "best" else "last validation",
-        params=_params(ckpt.latest_checkpoint(run_dir)),
-        train_seconds=meta.get("train_seconds", state.get("seconds_total")),
+        metrics=_metrics(results, headline) if headline in results else {},
+        step=int(meta.get("step", 0)),
+        steps=int(latest.get("step", 0)),
+        which=reason,
+        params=_params(chosen),
+        train_seconds=latest.get("train_seconds", state.get("seconds_total")),
         samples_per_s=_samples_per_s(run_dir / "train_log.csv"),
         inputs=_inputs(meta.get("caches") or {}),
         curve=[(e["step"], e[headline]) for e in evals if "step" in e],
-        key=json.dumps(_identity(config, meta), sort_keys=True, default=str),
+        key=json.dumps(_identity(_config(run_dir), meta), sort_keys=True, default=str),
     )
+
+
+def _chosen(run_dir: Path, which: str) -> tuple[Path, str]:
+    """The checkpoint the report reads; a run that never validated, for "best": its latest."""
+    if which == "best" and ckpt.best_checkpoint(run_dir) is None:
+        path, reason = ckpt.select_checkpoint(run_dir, "latest")
+        return path, f"{reason} (the run has no best: it never validated)"
+    return ckpt.select_checkpoint(run_dir, which)
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
@@ -304,7 +311,7 @@ def markdown(rows: list[Row], which: str) -> str:
     tasks = sorted({run.task for row in rows for run in row.runs})
     note = (
         f"Figures: {', '.join(tasks)} validation, at each run's "
-        f"{'best validation by the headline metric' if which == 'best' else 'last validation'}"
+        f"{'best validation by the headline metric' if which == 'best' else 'latest checkpoint'}"
         "; mean ± standard deviation over seeds (sample std)."
     )
     return "\n".join([*lines, "", note]) + "\n"

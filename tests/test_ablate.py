@@ -75,6 +75,7 @@ def test_grid_2x2_end_to_end_then_skip_on_rerun(tmp_path):
         assert float(row["accuracy_mean"]) == pytest.approx(statistics.fmean(best), abs=1e-4)
         assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(best), abs=1e-4)
     assert all(int(float(r["params"])) > 0 for r in rows)
+    assert all(0 < float(r["train_seconds"]) < 120 for r in rows)  # the trainer's wall time
     table = (out / "results.md").read_text()
     assert "| concat | 2 |" in table and "| cross | 2 |" in table
     for plot in ("results.png", "curves.png"):
