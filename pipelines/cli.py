@@ -429,6 +429,9 @@ _job_commands()
 
 
 def main() -> None:
+    from vlpipe.memory import keep_freed_memory
+
+    keep_freed_memory()  # big per-batch tensors: no page faults and munmap per batch
     app(prog_name="vlpipe")
 
 
