@@ -61,17 +61,22 @@ def _weights(run):
     return load_file(str(latest_checkpoint(run) / "model.safetensors"))
 
 
+def _assert_same_run(one_dir, two_dir, steps: int = 6) -> None:
+    """The same losses at every step and the same final weights."""
+    one, two = logged_losses(one_dir), logged_losses(two_dir)
+    assert len(one) == len(two) == steps
+    assert two == pytest.approx(one, abs=1e-5)
+    w1, w2 = _weights(one_dir), _weights(two_dir)
+    for name in w1:
+        assert (w1[name] - w2[name]).abs().max() < 1e-4, name
+
+
 def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     """24 GQA-format questions about 12 images whose colour the features encode."""
     data = gqa_color_task(tmp_path)
     _run(_train_args(data, tmp_path / "one", 8))
     _run(_train_args(data, tmp_path / "two", 4), torchrun=True)
-    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    assert two == pytest.approx(one, abs=1e-5)
-    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for name in w1:
-        assert (w1[name] - w2[name]).abs().max() < 1e-4, name
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("ckpt-"))
 
 
@@ -80,12 +85,7 @@ def test_two_ranks_accumulating_equal_one_process_with_the_whole_batch(tmp_path)
     data = gqa_color_task(tmp_path)
     _run(_train_args(data, tmp_path / "one", 8))
     _run([*_train_args(data, tmp_path / "two", 2), "--grad-accum", 2], torchrun=True)
-    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    assert two == pytest.approx(one, abs=1e-5)
-    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for name in w1:
-        assert (w1[name] - w2[name]).abs().max() < 1e-4, name
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_two_rank_extraction_equals_a_single_process_run(tmp_path):
