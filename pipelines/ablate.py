@@ -68,8 +68,8 @@ def plan_runs(grid: Grid) -> list[Planned]:
 def _state(run_dir: Path, config: str) -> tuple[str, str | None]:
     record = read_state(run_dir)
     has_checkpoint = (run_dir / ckpt.LATEST).exists()
-    if not record and not has_checkpoint:
-        return "new", None
+    if not has_checkpoint:  # nothing trained yet: (re)start it with the grid's config
+        return ("failed", record.get("error")) if record.get("state") == "failed" else ("new", None)
     if (run_dir / CONFIG).exists() and (run_dir / CONFIG).read_text() != config:
         return "changed", (
             f"{run_dir}: the grid gives this run another config than it ran with; use another "
@@ -168,17 +168,6 @@ def print_plan(grid: Grid, planned: list[Planned]) -> None:
 
 def execute(todo: list[Planned], job: AblateJob) -> None:
     """Run `todo` on the chosen executor, recording each run's state as it ends."""
-    for p in todo:
-        p.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(p.run_dir / CONFIG, p.config)
-        run = p.plan
-        _write_state(
-            p.run_dir,
-            name=run.name,
-            configuration=run.configuration,
-            variant=run.variant,
-            point=run.point,
-        )
     if job.executor == "local":
         _run_local(todo, job)
     else:
@@ -241,9 +230,26 @@ def train_command(p: Planned, job: AblateJob, threads: int) -> list[str]:
     ]
 
 
+def _begin(p: Planned) -> float:
+    """The run starts: its folder, the config it runs with, its state."""
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(p.run_dir / CONFIG, p.config)
+    run, start = p.plan, time.time()
+    _write_state(
+        p.run_dir,
+        name=run.name,
+        configuration=run.configuration,
+        variant=run.variant,
+        point=run.point,
+        state="running",
+        started=start,
+        error=None,
+    )
+    return start
+
+
 def _run_process(p: Planned, job: AblateJob, threads: int, env: dict) -> None:
-    start = time.time()
-    _write_state(p.run_dir, state="running", started=start, error=None)
+    start = _begin(p)
     print(f"  start {p.plan.name}", flush=True)
     with open(p.run_dir / LOG, "a") as log:
         log.write(f"\n$ {' '.join(train_command(p, job, threads))}\n")
@@ -266,7 +272,10 @@ def _finish(p: Planned, start: float, error: str | None) -> None:
 
 def _error_line(log: Path, code: int) -> str:
     """The run's own one-line error, else the last line it printed, and its exit status."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    if code in (-2, 130, -15, 143):  # SIGINT / SIGTERM: the run is resumable from its checkpoint
+        return f"exit status {code}: stopped by a signal; a rerun resumes it"
+    text = log.read_text(errors="replace").splitlines()
+    lines = [line.strip() for line in text if line.strip() and not line.startswith("$ ")]
     errors = [line for line in lines if line.startswith("error:")]
     last = errors[-1] if errors else (lines[-1] if lines else "no output")
     return f"exit status {code}: {last}"
@@ -296,8 +305,7 @@ def _run_submitit(todo: list[Planned], job: AblateJob) -> None:
     threads = job.threads or job.slurm.cpus
     started = []
     for p in todo:
-        start = time.time()
-        _write_state(p.run_dir, state="running", started=start, error=None)
+        start = _begin(p)
         command = train_command(p, job, threads)
         started.append((p, start, executor.submit(_train_job, command[3:], str(p.run_dir / LOG))))
         print(f"  submitted {p.plan.name}", flush=True)

@@ -254,3 +254,17 @@ def test_submitit_local_executor(tmp_path):
     state = json.loads((out / "runs" / "concat" / "ablate.json").read_text())
     assert state["state"] == "done", state
     assert [r["configuration"] for r in read_csv(out / "results.csv")] == ["concat"]
+
+
+def test_a_changed_grid_restarts_untrained_runs_and_keeps_trained_ones(tmp_path):
+    from vlpipe.pipelines.ablate import CONFIG, STATE, _state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG).write_text("old = 1\n")
+    (run / STATE).write_text('{"state": "running"}')  # stopped before its first checkpoint
+    assert _state(run, "new = 1\n") == ("new", None)
+    (run / "LATEST").write_text("ckpt-0000001")  # it trained: its results are the old config's
+    state, error = _state(run, "new = 1\n")
+    assert state == "changed" and "another config" in error
+    assert _state(run, "old = 1\n")[0] == "interrupted"
