@@ -149,7 +149,8 @@ def run_ablate(job: AblateJob) -> tuple[list[Planned], Path | None]:
         execute(todo, job)
     from vlpipe.pipelines.report import write_report
 
-    report = write_report([job.out / "runs"], job.out, job.checkpoint)
+    ran = [p.run_dir for p in planned if (p.run_dir / ckpt.LATEST).exists()]
+    report = write_report(ran, job.out, job.checkpoint) if ran else None  # rows in grid order
     return planned, report
 
 

@@ -317,7 +317,7 @@ def _ablate(config, sets, flags) -> None:
     failed = [p for p in planned if p.state in ("failed", "changed")]
     if report is not None:
         typer.echo(f"\n{report.read_text()}\n{report} (and .csv, .json, results.png, curves.png)")
-    if failed and report is not None:  # a dry run lists states, it fails nothing
+    if failed and not job.dry_run:  # a dry run lists states, it fails nothing
         typer.secho(f"{len(failed)} runs failed:", fg="red", err=True)
         for p in failed:
             typer.echo(f"  {p.plan.name}: {p.error}", err=True)
