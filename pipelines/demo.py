@@ -8,6 +8,7 @@ caches (completes interrupted ones) and replaces its own run.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     return paths
 
 
+@functools.cache
 def _questions_of_first(split: str, images: int | None) -> int | None:
     """How many questions the first `images` images have (the package lists them in image
     order), so a --limit run extracts the questions of the images it extracted."""

@@ -83,7 +83,9 @@ def read_run(run_dir: Path, which: str) -> RunResult:
     from vlpipe.fusion.tasks import get_task
     from vlpipe.fusion.train import _read_jsonl
 
-    chosen, reason = _chosen(run_dir, which)
+    # "best" is evaluate's default: the BEST checkpoint, or the latest of a run that never
+    # validated (the reason says which)
+    chosen, reason = ckpt.select_checkpoint(run_dir, None if which == "best" else which)
     meta, latest = ckpt.load_meta(chosen), ckpt.load_meta(ckpt.latest_checkpoint(run_dir))
     task = get_task(meta["task"])
     headline = task.headline
@@ -107,14 +109,6 @@ def read_run(run_dir: Path, which: str) -> RunResult:
         curve=[(e["step"], e[headline]) for e in evals if "step" in e],
         key=json.dumps(_identity(_config(run_dir), meta), sort_keys=True, default=str),
     )
-
-
-def _chosen(run_dir: Path, which: str) -> tuple[Path, str]:
-    """The checkpoint the report reads; a run that never validated, for "best": its latest."""
-    if which == "best" and ckpt.best_checkpoint(run_dir) is None:
-        path, reason = ckpt.select_checkpoint(run_dir, "latest")
-        return path, f"{reason} (the run has no best: it never validated)"
-    return ckpt.select_checkpoint(run_dir, which)
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
