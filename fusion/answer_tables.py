@@ -7,18 +7,23 @@ Formats (`read_answer_list`):
   {"ans": answer, "dsets": [datasets]}, whose index is the row of the pre-trained QA head
   (9,500 answers). Answers are looked up in it after `lxmert_convert_answer`, as
   src/pretrain/qa_answer_table.py (`AnswerTable.convert_ans`, `load_lxmert_qa`) does.
+
+`build_pretrain_table` builds such a table from the pre-training labels themselves, and
+`qa_label_ids` turns one sentence's {answer: score} into the rows of a table.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from vlpipe.errors import InputError
+from vlpipe.errors import ConfigError, InputError
 
 # AnswerTable.ANS_CONVERT: the spellings the pre-training table merged
 _CONVERT = {
@@ -52,6 +57,12 @@ class AnswerList:
         """How an answer of another list is looked up in this one."""
         return lxmert_convert_answer(answer) if self.pretraining else answer
 
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        """{answer: class}, the first one for an answer listed twice; built on first use, so
+        `answers` must not change after it."""
+        return {answer: i for i, answer in reversed(list(enumerate(self.answers)))}
+
 
 def lxmert_convert_answer(answer: str) -> str:
     """AnswerTable.convert_ans: lower case, one trailing '.' and a leading article dropped, then
@@ -84,6 +95,40 @@ def read_answer_list(path: str | Path) -> AnswerList:
         f"{path}: not an answer list (a JSON list of answers, an {{answer: index}} object, or "
         "LXMERT's all_ans.json)"
     )
+
+
+def build_pretrain_table(
+    labels: Iterable[dict[str, float] | None], min_count: int = 1
+) -> AnswerList:
+    """A pre-training answer table from the data's QA labels: answers normalised with
+    `lxmert_convert_answer`, counted once per sentence they appear in, kept when seen in at
+    least `min_count` sentences, most frequent first (ties alphabetical, so the head's rows are
+    reproducible). None labels (captions) count for nothing."""
+    if min_count < 1:
+        raise ConfigError(f"min_count must be >= 1, got {min_count}")
+    counts: Counter[str] = Counter()
+    for label in labels:
+        if label:
+            counts.update({lxmert_convert_answer(answer) for answer in label})
+    kept = [answer for answer, n in counts.items() if n >= min_count]
+    kept.sort(key=lambda answer: (-counts[answer], answer))
+    return AnswerList("built from the data", kept, pretraining=True)
+
+
+def qa_label_ids(
+    label: dict[str, float] | None, table: AnswerList
+) -> tuple[list[int], list[float]]:
+    """The classes of `table` a label's answers map to (after `table.key`), and their scores.
+
+    Answers not in the table are dropped, as LXMERT's LXMERTDataset drops them; two answers that
+    normalise to one class keep the higher score. A caption (None) has no classes.
+    """
+    scores: dict[int, float] = {}
+    for answer, score in (label or {}).items():
+        row = table.positions.get(table.key(answer))
+        if row is not None:
+            scores[row] = max(score, scores.get(row, score))
+    return list(scores), list(scores.values())
 
 
 def _from_ans2label(data: dict, path: Path) -> list[str]:

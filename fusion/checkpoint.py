@@ -47,7 +47,10 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:07d}"
     with atomic_folder(run_dir / name) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tied = set(getattr(model, "tied_weights", ()))
+        state = {
+            k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in tied
+        }
         save_file(state, str(tmp / "model.safetensors"))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
@@ -92,6 +95,8 @@ RUN_FILES = (
     ".eval_log.jsonl.*.tmp",
     "curves.png",
     ".curves.png.*.tmp",
+    "task_curves.png",
+    ".task_curves.png.*.tmp",
     "tb",
     "predictions.json",
     "predictions.csv",
@@ -196,8 +201,11 @@ def load_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """The checkpoint's weights into `model`, strictly (see `vlpipe.weights.load_into`)."""
-    load_into(model, read_state_dict(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+    """The checkpoint's weights into `model`, strictly (see `vlpipe.weights.load_into`). A
+    model's `tied_weights` (second names of a shared tensor) are not stored: they are tied."""
+    tied = set(getattr(model, "tied_weights", ()))
+    file = ckpt / "model.safetensors"
+    load_into(model, read_state_dict(file), file, ignore=tied.__contains__)
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -163,7 +163,7 @@ class TaskDataset(Dataset):
     ):
         self.task, self.records, self.images, self.texts = task, list(records), images, texts
         self.vocab, self.needs = vocab, tuple(needs)
-        self.grid = _grid_of(images)
+        self.grid = grid_of(images)
         self.skipped: dict[str, str] = self._drop_missing() if skip_missing else {}
         self.text_ids = self._tokenize(tokenizer, max_length) if "text_ids" in needs else None
         self.check()
@@ -325,7 +325,7 @@ class TaskDataset(Dataset):
         )
 
 
-def _grid_of(images: CacheSet) -> tuple[int, int] | None:
+def grid_of(images: CacheSet) -> tuple[int, int] | None:
     """The patch / cell grid the cache declares (caches before schema v3: their provenance)."""
     grid = images.facts.get("grid") or images.provenance.get("preprocessing", {}).get("grid")
     return tuple(grid) if grid else None

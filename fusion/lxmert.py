@@ -280,16 +280,18 @@ def architecture_differences(ckpt: LxmertCheckpoint, config: LxmertFusionConfig)
     ]
 
 
-def load_bert_language(model: LxmertFusion, bert_folder: str | Path) -> LoadReport:
+def load_bert_language(model: nn.Module, bert_folder: str | Path) -> LoadReport:
     """Initialise the word / position / type embeddings, the first min(l_layers, BERT layers)
-    language layers and the pooler from a Hugging Face BERT folder (BertModel or
-    BertForPreTraining keys). The original LXMERT code loads the same tensors from
-    bert-base-uncased, the pooler included; BERT layers beyond l_layers are ignored."""
+    language layers and the pooler of `model.lxmert` (an LxmertFusion or the pre-training
+    model) from a Hugging Face BERT folder (BertModel or BertForPreTraining keys). The original
+    LXMERT code loads the same tensors from bert-base-uncased, the pooler included; BERT
+    layers beyond l_layers are ignored."""
+    config = getattr(model.config, "backbone", model.config)
     state = {_canonical(k): v for k, v in read_state_dict(bert_folder).items()}
     if any(k.startswith("bert.") for k in state):  # BertForPreTraining / old BERT releases
         state = {k.removeprefix("bert."): v for k, v in state.items()}
-    _check_hidden(state, model.config.hidden, bert_folder)
-    l_layers = model.config.l_layers
+    _check_hidden(state, config.hidden, bert_folder)
+    l_layers = config.l_layers
     return load_into(
         model.lxmert,
         state,

@@ -24,6 +24,25 @@ def line_plots(path: Path, series: dict[str, tuple[list[float], list[float]]]) -
     return _save(fig, path)
 
 
+def panel_plots(path: Path, panels: dict[str, dict[str, tuple[list[float], list[float]]]]) -> Path:
+    """One panel per entry {title: {curve: (xs, ys)}}, stacked vertically, sharing the step
+    axis; each panel overlays its curves (training per step, validation as markers)."""
+    plt = _pyplot()
+    size = (PANEL_W / DPI, PANEL_H * len(panels) / DPI)
+    fig, axes = plt.subplots(len(panels), 1, figsize=size, dpi=DPI, sharex=True, squeeze=False)
+    for ax, (title, curves) in zip(axes[:, 0], panels.items(), strict=True):
+        for name, (xs, ys) in curves.items():
+            few = len(xs) <= 50
+            ax.plot(xs, ys, marker="o" if few else None, markersize=3, linewidth=1.2, label=name)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("step", fontsize=8)
+    return _save(fig, path)
+
+
 def _pyplot():
     import matplotlib
 

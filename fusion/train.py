@@ -95,14 +95,24 @@ def make_schedule(
 
 
 class Logger:
-    """Per-step CSV + TensorBoard (when installed) + a progress bar."""
+    """Per-step CSV + TensorBoard (when installed) + a progress bar; `parts`: loss terms logged
+    beside the total, as loss_<part> columns."""
 
     FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s")
 
-    def __init__(self, run_dir: Path, total: int, start: int, progress: bool, main: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        total: int,
+        start: int,
+        progress: bool,
+        main: bool = True,
+        parts: tuple[str, ...] = (),
+    ):
         from tqdm import tqdm
 
         self.main = main
+        self.fields = self.FIELDS + tuple(f"loss_{p}" for p in parts)
         if not main:  # other ranks: the same calls, no output
             self.bar, self.file, self.tb = tqdm(disable=True), None, None
             return
@@ -110,7 +120,7 @@ class Logger:
         # A killed run may have logged past its checkpoint: keep the rows up to `start`,
         # replacing the file atomically (a kill here leaves the old log, never an empty one).
         text = io.StringIO(newline="")
-        csv.writer(text).writerows([self.FIELDS, *self._rows_up_to(start)])
+        csv.writer(text).writerows([self.fields, *self._rows_up_to(start)])
         write_text_atomic(self.path, text.getvalue())
         _trim_jsonl(run_dir / "eval_log.jsonl", start)
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
@@ -130,16 +140,16 @@ class Logger:
         if step == 0 or not self.path.exists():
             return []
         with open(self.path, newline="") as fh:
-            rows = [[r.get(k) for k in self.FIELDS] for r in csv.DictReader(fh)]
+            rows = [[r.get(k) for k in self.fields] for r in csv.DictReader(fh)]
         return [r for r in rows if None not in r and _int(r[0], step + 1) <= step]
 
     def step(self, row: dict[str, float]) -> None:
         if not self.main:
             return
-        self.csv.writerow([row[k] for k in self.FIELDS])
+        self.csv.writerow([row[k] for k in self.fields])
         self.file.flush()  # `tail -f train_log.csv` works, and a killed run keeps its log
         if self.tb is not None:
-            for k in ("loss", "lr", "samples_per_s"):
+            for k in self.fields[2:]:
                 self.tb.add_scalar(f"train/{k}", row[k], row["step"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -237,6 +247,40 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class TaskObjective:
+    """What the trainer optimises and judges a run by, for a fine-tuning task: the task's loss
+    on the model's logits, validated by the task's official metric (higher is better).
+
+    An objective has `headline` and `higher_is_better` (the validation figure BEST and early
+    stopping follow), `parts` (loss terms logged beside the total, here none), and:
+    examples(batch) (examples in it), weight(batch) (what the loss is a mean over: the
+    micro-batches of a step are weighed by it), losses(net, batch) (the loss and its parts)
+    and validate(model, data, batch_size, device, num_workers, dist) (the results dict).
+    `fusion/pretrain.py` has the pre-training one."""
+
+    parts: tuple[str, ...] = ()
+    higher_is_better = True
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.headline = task.headline
+
+    def examples(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["target"])
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return self.task.loss_count(batch["target"])
+
+    def losses(self, net, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = net(batch)
+        if not self.weight(batch):  # no answer in the vocabulary: 0, not the mean's NaN
+            return logits.sum() * 0.0, {}
+        return self.task.loss_fn(logits.float(), batch["target"]), {}
+
+    def validate(self, model, data, batch_size, device, num_workers, dist) -> dict[str, Any]:
+        return evaluate(model, self.task, data, batch_size, device, num_workers, dist)[0]
+
+
 class Trainer:
     """The state of one run: model (DDP-wrapped under torchrun), optimizer, schedule, position,
     and the validation record (best headline metric, validations since it improved). Rank 0
@@ -245,8 +289,8 @@ class Trainer:
 
     def __init__(
         self,
-        model: TaskModel,
-        task: Task,
+        model: torch.nn.Module,
+        task: Task | TaskObjective,
         data: TaskDataset,
         cfg: TrainConfig,
         run_dir: Path,
@@ -258,7 +302,8 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         _seed_everything(cfg.seed, self.device)
-        self.model, self.task, self.data, self.cfg, self.run_dir = model, task, data, cfg, run_dir
+        self.objective = task if hasattr(task, "losses") else TaskObjective(task)
+        self.model, self.data, self.cfg, self.run_dir = model, data, cfg, run_dir
         self.meta = dict(meta, train=asdict(cfg), world_size=self.dist.world)
         model.to(self.device)
         self.net = self._wrap(model)
@@ -335,7 +380,14 @@ class Trainer:
         if self.stopped_early():
             self._say_stopped("; nothing more to train (a larger --early-stop continues it)")
             return self.results
-        log = Logger(self.run_dir, self.limit, self.step, self.progress, self.dist.main)
+        log = Logger(
+            self.run_dir,
+            self.limit,
+            self.step,
+            self.progress,
+            self.dist.main,
+            parts=self.objective.parts,
+        )
         try:
             while self.epoch < self.cfg.epochs and self.step < self.limit:
                 if not self._epoch(log, val):  # stopped by max_steps or early stopping
@@ -361,14 +413,18 @@ class Trainer:
         order = EpochOrder(
             len(self.data), self.cfg.seed, self.epoch, self.offset, self.dist.rank, self.dist.world
         )
+        if hasattr(self.data, "set_epoch"):  # data whose examples are drawn anew each epoch
+            self.data.set_epoch(self.epoch)
         loader = self.data.loader(self.cfg.batch_size, order, self.cfg.num_workers)
         # a step's micro-batches are read before its first backward: their weights need the
         # step's example count (the last step of an epoch has fewer)
         for group in _groups(loader, self.cfg.grad_accum):
             start = time.perf_counter()
             batches = [to_device(batch, self.device) for batch in group]
-            loss = distributed.mean(self.dist, self._step(batches))
-            n = sum(len(batch["target"]) for batch in group)
+            loss, parts = self._step(batches)
+            loss = distributed.mean(self.dist, loss)
+            parts = {f"loss_{k}": distributed.mean(self.dist, v) for k, v in parts.items()}
+            n = sum(self.objective.examples(batch) for batch in group)
             self.step, self.offset = self.step + 1, self.offset + n
             log.step(
                 {
@@ -377,6 +433,7 @@ class Trainer:
                     "loss": loss,
                     "lr": self.sched.get_last_lr()[0],
                     "samples_per_s": n * self.dist.world / (time.perf_counter() - start),
+                    **parts,
                 }
             )
             if self.offset < share:
@@ -416,17 +473,18 @@ class Trainer:
     def _judge(self, results: dict[str, Any]) -> bool:
         """Count a validation against the best headline metric so far: a gain of more than
         early_stop_delta resets the patience count, anything less adds one to it; True when
-        it is the best (higher) so far, which BEST then names."""
-        metric = self.task.headline
+        it is the best so far (the highest, or for a loss the lowest), which BEST then names."""
+        metric = self.objective.headline
         value = results.get(metric)
         if not isinstance(value, int | float):  # nothing labelled to score: no judgement
             return False
+        sign = 1.0 if self.objective.higher_is_better else -1.0
         before = self.best["value"] if self.best is not None else None
-        if before is None or value > before + self.cfg.early_stop_delta:
+        if before is None or sign * (value - before) > self.cfg.early_stop_delta:
             self.bad_evals = 0
         else:
             self.bad_evals += 1
-        if before is not None and not value > before:
+        if before is not None and not sign * (value - before) > 0:
             return False
         self.best = {"metric": metric, "value": float(value), "step": self.step}
         return True
@@ -446,30 +504,31 @@ class Trainer:
         if self.dist.main:
             print(f"{self.run_dir}: stopped at step {self.step}: {self._stop_reason()}{then}")
 
-    def _step(self, batches: list[dict[str, torch.Tensor]]) -> float:
+    def _step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
         """One optimizer step over `batches` (grad_accum micro-batches; the last step of an
-        epoch may have fewer). Each micro-batch's loss is weighed by its share of the examples
-        the step's loss is a mean over (Task.loss_count), so the gradient is that of the step
-        as one batch; under DDP only the last micro-batch synchronises gradients. Returns the
-        step's loss."""
-        counts = [self.task.loss_count(batch["target"]) for batch in batches]
-        total = sum(counts)
+        epoch may have fewer). Each micro-batch's loss is weighed by its share of what the
+        step's loss is a mean over (the objective's weight: Task.loss_count), so the gradient
+        is that of the step as one batch; under DDP only the last micro-batch synchronises
+        gradients. Returns the step's loss and its parts, weighed alike."""
+        weights = [self.objective.weight(batch) for batch in batches]
+        total = sum(weights)
         self.opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+        step_loss, step_parts = 0.0, {}
+        for i, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+            share = weight / total if total else 0.0
             with self._sync(i == len(batches) - 1):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                    logits = self.net(batch)
-                loss = self.task.loss_fn(logits.float(), batch["target"])
-                # a micro-batch without an answer in the vocabulary adds nothing (and no NaN)
-                loss = loss * (count / total) if count else logits.sum() * 0.0
+                    loss, parts = self.objective.losses(self.net, batch)
+                loss = loss * share
                 loss.backward()
             step_loss += float(loss.detach())
+            for name, part in parts.items():
+                step_parts[name] = step_parts.get(name, 0.0) + float(part.detach()) * share
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.sched.step()
-        return step_loss
+        return step_loss, step_parts
 
     def _sync(self, last: bool):
         """DDP all-reduces gradients on the last micro-batch of a step only."""
@@ -478,15 +537,9 @@ class Trainer:
         return self.net.no_sync()
 
     def _validate(self, val: TaskDataset, log: Logger) -> dict[str, Any]:
-        results = evaluate(
-            self.model,
-            self.task,
-            val,
-            self.cfg.batch_size,
-            self.device,
-            self.cfg.num_workers,
-            self.dist,
-        )[0]
+        results = self.objective.validate(
+            self.model, val, self.cfg.batch_size, self.device, self.cfg.num_workers, self.dist
+        )
         self.net.train()  # predict() left the model in eval mode; dropout resumes
         if self.dist.main:
             _append_jsonl(

@@ -201,6 +201,8 @@ def _job_commands() -> None:
     command(app, "extract", configs.ExtractJob, _extract, help=EXTRACT_HELP)
     command(app, "import", configs.ImportJob, _import, help=IMPORT_HELP)
     command(app, "train", configs.TrainJob, _train, help=TRAIN_HELP, prefixes=TRAIN_PREFIXES)
+    command(app, "pretrain", configs.PretrainJob, _pretrain, help=PRETRAIN_HELP)
+    command(app, "export-lxmert", configs.LxmertExportJob, _export_lxmert, help=EXPORT_LXMERT_HELP)
     command(app, "evaluate", configs.EvaluateJob, _evaluate, help=EVALUATE_HELP, extra=json_flag)
     command(app, "predict", configs.PredictJob, _predict, help=PREDICT_HELP)
     command(app, "score", configs.ScoreJob, _score, help=SCORE_HELP, extra=json_flag)
@@ -217,6 +219,15 @@ TRAIN_HELP = (
     "Train a fusion model and task head from cached features. The defaults shown are the base "
     "values: the fusion's preset (`vlpipe presets`) sets the optimisation (lr, epochs, batch "
     "size, optimizer) unless --preset, --config or the flags say otherwise."
+)
+PRETRAIN_HELP = (
+    "Pre-train LXMERT from cached features with its five tasks (masked language modelling, "
+    "masked object features and labels, matching, image QA). The defaults shown are the base "
+    "values: the lxmert-pretrain preset (the released recipe) sets the optimisation."
+)
+EXPORT_LXMERT_HELP = (
+    "Write a pre-training run's model as a Hugging Face LxmertForPreTraining folder or in "
+    "airsplay/lxmert's original .pth layout."
 )
 EVALUATE_HELP = "Print the official metrics of a trained run on a labelled split."
 PREDICT_HELP = "Write the official submission file: VQA / GQA json, NLVR2 csv."
@@ -253,6 +264,34 @@ def _train(config, sets, flags) -> None:
     except _user_errors() as err:
         _fail(err)
     typer.echo(f"{job.out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
+
+
+def _pretrain(config, sets, flags) -> None:
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines import configs
+    from vlpipe.pipelines.options import flag_names, layers
+    from vlpipe.pipelines.pretrain_job import resolve_pretrain, run_pretrain
+
+    try:
+        file_layer, set_layer = layers(config, sets)
+        names = flag_names(configs.PretrainJob)
+        job = resolve_pretrain(file_layer, set_layer, flags.layer(), names=names)
+        set_threads(job.threads)
+        results = run_pretrain(job)
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(f"{job.out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
+
+
+def _export_lxmert(config, sets, flags) -> None:
+    from vlpipe.pipelines.configs import LxmertExportJob
+    from vlpipe.pipelines.lxmert_export import export_lxmert
+
+    try:
+        path = export_lxmert(_resolved(LxmertExportJob, config, sets, flags))
+    except _user_errors() as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
 
 
 def _evaluate(config, sets, flags, as_json: bool) -> None:

@@ -129,6 +129,92 @@ class TrainJob:
         return bool(self.val.annotations or self.val.split)
 
 
+# LXMERT's pre-training tasks (fusion/pretrain_model.py TASKS; kept here so that the command
+# line's help imports no torch).
+PRETRAIN_TASKS = ("mlm", "matched", "obj", "attr", "feat", "qa")
+
+
+@dataclass(kw_only=True)
+class PretrainJob:
+    """`vlpipe pretrain`: LXMERT's cross-modality pre-training from cached features."""
+
+    features: list[Path] = opt(
+        help="image feature cache(s), repeatable (regions: every task; patches / grid: no obj, "
+        "attr)",
+        factory=list,
+    )
+    data: list[str] = opt(
+        help="sentence source, repeatable: LXMERT's pre-training json (mscoco_train.json ...), "
+        "COCO captions json, VQA questions.json then annotations.json, GQA questions json, "
+        "LXMERT's question json, easy-vqa:train; FORMAT:PATH names the format",
+        factory=list,
+    )
+    out: Path = opt(help="run folder (checkpoints, per-task loss logs and curves, config.toml)")
+    val_data: list[str] = opt(help="held-out sentence source(s), as --data", factory=list)
+    val_features: list[Path] = opt(
+        help="caches of the held-out images (default: --features)", factory=list
+    )
+    preset: str | None = opt(
+        "lxmert-pretrain", "preset name (vlpipe presets) or file: the optimisation recipe"
+    )
+    tasks: list[str] = opt(
+        help=f"the tasks, of {', '.join(PRETRAIN_TASKS)} (default: all the inputs allow)",
+        factory=lambda: list(PRETRAIN_TASKS),
+    )
+    answer_table: str | None = opt(
+        None, "the QA answers: LXMERT's all_ans.json (default: built from the data's answers)"
+    )
+    min_answer_count: int = opt(
+        1, "a built table keeps answers of at least this many sentences", minimum=1
+    )
+    word_mask_rate: float = opt(0.15, "share of tokens masked (mlm)", minimum=0.0, maximum=1.0)
+    obj_mask_rate: float = opt(0.15, "share of regions masked (feat)", minimum=0.0, maximum=1.0)
+    model: dict[str, Any] = opt(
+        help='LXMERT config fields, e.g. {"hidden": 256, "l_layers": 2}, and the detector\'s '
+        "num_objects / num_attrs (default 1600 / 400)",
+        flag="model-config",
+        factory=dict,
+    )
+    optim: TrainConfig = section(TrainConfig)
+    vocab: str | None = opt(None, "WordPiece vocab.txt (default: the packaged uncased BERT one)")
+    max_length: int = opt(MAX_LENGTH, "text tokens incl. [CLS] / [SEP]", minimum=3)
+    limit: int | None = opt(None, "only the first N sentences of each source", minimum=1)
+    init_bert: str | None = opt(
+        None, "BERT folder for the language layers (LXMERT's released recipe: from scratch)"
+    )
+    threads: int = opt(0, THREADS_HELP, minimum=0)
+    resume: bool = opt(False, "continue the run in --out exactly", save=False)
+    accept_changes: bool = opt(
+        False, "with --resume: continue although settings or data changed", save=False
+    )
+    overwrite: bool = opt(
+        False, "replace an earlier run in --out (only the files vlpipe wrote)", save=False
+    )
+    progress: bool = opt(True, "progress bar", save=False)
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.val_data)
+
+
+@dataclass(kw_only=True)
+class LxmertExportJob:
+    """`vlpipe export-lxmert`: a pre-training run's model in the layouts other code reads."""
+
+    run: Path = opt(help="run folder of `vlpipe pretrain`", argument=True)
+    format: str = opt(
+        "huggingface",
+        "huggingface: an LxmertForPreTraining folder (config.json, model.safetensors, "
+        "vocab.txt); original: airsplay/lxmert's Epoch*_LXRT.pth layout (module.bert.*)",
+        choices=("huggingface", "original"),
+    )
+    out: Path = opt(help="folder (huggingface) or .pth file (original) to write")
+    checkpoint: str | None = opt(
+        None, "best | latest | a step number (default: best when the run validated)"
+    )
+    overwrite: bool = opt(False, "replace what an earlier export wrote at --out", save=False)
+
+
 @dataclass(kw_only=True)
 class ModelSource:
     """Which model an evaluation reads: a run folder, or an LXMERT checkpoint from elsewhere."""
@@ -523,6 +609,8 @@ __all__ = [
     "EvaluateJob",
     "ModelSource",
     "PredictJob",
+    "PretrainJob",
+    "LxmertExportJob",
     "ScoreJob",
     "TrainJob",
     "preset_layer",

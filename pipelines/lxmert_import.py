@@ -159,10 +159,51 @@ def initialise_from(
 ) -> list[str]:
     """Load an LXMERT checkpoint's backbone into `model` and transfer its answer head, if any,
     into the task head (whose classes are `answers`); returns the report lines."""
-    ckpt = read_lxmert_checkpoint(path)
+    ckpt, table = read_init(path)
     report = load_backbone(model.fusion, ckpt, partial=partial)
-    old = _head_answers(ckpt, task, answer_table, answers_file)
-    return [str(report), transfer_head(model, ckpt, answers, old)]
+    if table is None or answer_table is not None:
+        table = _head_answers(ckpt, task, answer_table, answers_file)
+    return [str(report), transfer_head(model, ckpt, answers, table)]
+
+
+def pretrain_run(path: str | Path, which: str | None = None) -> tuple[Path, dict] | None:
+    """(checkpoint folder, its run.json) when `path` is a `vlpipe pretrain` run folder, else
+    None. `which`: best | latest | a step (default: best when the run validated)."""
+    from vlpipe.fusion.checkpoint import LATEST, load_meta, select_checkpoint
+
+    path = Path(path)
+    if not (path.is_dir() and (path / LATEST).exists()):
+        return None
+    folder, _ = select_checkpoint(path, which)
+    meta = load_meta(folder)
+    return (folder, meta) if meta.get("kind") == "pretrain" else None
+
+
+def read_init(path: str | Path) -> tuple[LxmertCheckpoint, AnswerList | None]:
+    """An --init checkpoint, and the answer table of its QA head when the file says it: a
+    pre-training run records its table (answers normalised as LXMERT's convert_ans) and its
+    attention heads; any other file is read as `read_lxmert_checkpoint` reads it."""
+    run = pretrain_run(path)
+    if run is None:
+        return read_lxmert_checkpoint(path), None
+    folder, meta = run
+    ckpt = read_lxmert_checkpoint(folder / "model.safetensors")
+    backbone = meta["model_config"]["backbone"]
+    ckpt.arch, ckpt.arch_from = {**ckpt.arch, "heads": backbone["heads"]}, "run.json"
+    table = AnswerList(f"{path} (its answer table)", meta["answers"], pretraining=True)
+    return ckpt, table if ckpt.head_shape is not None else None
+
+
+def init_defaults(path: str | Path | None) -> tuple[dict, str | None]:
+    """What fine-tuning from --init takes from a pre-training run unless told otherwise: its
+    backbone config and its vocab.txt. ({}, None) for any other checkpoint."""
+    run = pretrain_run(path) if path is not None else None
+    if run is None:
+        return {}, None
+    from vlpipe.pipelines.train_job import VOCAB_FILE
+
+    vocab = Path(path) / VOCAB_FILE
+    return dict(run[1]["model_config"]["backbone"]), str(vocab) if vocab.is_file() else None
 
 
 def _head_answers(

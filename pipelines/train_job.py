@@ -126,8 +126,9 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     needs = fusion_needs(job.fusion)
     texts = CacheSet(train_spec.text_features) if train_spec.text_features else None
     tokenizer, vocab_path = (None, None)
+    init_model, init_vocab = _init_defaults(job)
     if "text_ids" in needs:
-        tokenizer, vocab_path = _tokenizer(job.vocab, texts)
+        tokenizer, vocab_path = _tokenizer(job.vocab or init_vocab, texts)
     data = build_dataset(train_spec, task, None, needs, tokenizer, job.max_length)
     # the answers are counted over the examples that train (after --skip-missing)
     data.vocab = vocab = _answer_vocab(job, task, data.records)
@@ -136,7 +137,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         val = build_dataset(val_spec, task, vocab, needs, tokenizer, job.max_length)
     vocab_size = len(tokenizer) if tokenizer is not None else BERT_VOCAB_SIZE
     fusion_config = _fusion_config(
-        job, fusion_dims(job.fusion, data.images, data.texts, vocab_size)
+        job, fusion_dims(job.fusion, data.images, data.texts, vocab_size), init_model
     )
     cfg = job.optim
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run's recipe
@@ -188,16 +189,26 @@ def _tokenizer_meta(vocab_path: str | None, tokenizer, max_length: int) -> dict[
     }
 
 
-def _fusion_config(job: TrainJob, widths: dict[str, int]):
-    """The fusion's config: the widths its caches give, then --model-config, each value
-    checked against the fusion's config class."""
+def _init_defaults(job: TrainJob) -> tuple[dict, str | None]:
+    if job.init is None or job.fusion != "lxmert":
+        return {}, None
+    from vlpipe.pipelines.lxmert_import import init_defaults
+
+    return init_defaults(job.init)
+
+
+def _fusion_config(job: TrainJob, widths: dict[str, int], init: dict | None = None):
+    """The fusion's config: the --init pre-training run's (when it is one), the widths the
+    caches give, then --model-config, each value checked against the fusion's config
+    class."""
     for key, width in widths.items():
         if key in job.model and job.model[key] != width:
             raise ConfigError(
                 f"--model-config {key}={job.model[key]}: the caches give {width}; the fusion "
                 "takes its input widths from them"
             )
-    return make_fusion_config(job.fusion, widths, job.model, where=f"--model-config ({job.fusion})")
+    where = f"--model-config ({job.fusion})"
+    return make_fusion_config(job.fusion, init or {}, widths, job.model, where=where)
 
 
 # TrainConfig fields a resumed run may change: where and how fast it runs, when it stops, and
