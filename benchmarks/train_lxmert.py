@@ -125,10 +125,11 @@ def build(args, device):
 
 
 class Runner:
-    """One model's training step (forward + backward + AdamW) and its timing."""
+    """One model's training step (forward + loss + backward + AdamW) and its timing;
+    `loss_fn(model, batch)` is the forward and the loss."""
 
-    def __init__(self, name, model, logits_fn, args, device):
-        self.name, self.model, self.logits_fn = name, model, logits_fn
+    def __init__(self, name, model, loss_fn, args, device):
+        self.name, self.model, self.loss_fn = name, model, loss_fn
         self.args, self.device = args, device
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=5e-5)
@@ -137,10 +138,8 @@ class Runner:
 
     def step(self, batch):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.amp):
-            logits = self.logits_fn(self.model, batch)
-        # LXMERT's VQA loss: BCE over the answer vocabulary, scaled by its size
-        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["target"])
-        (loss * logits.shape[1]).backward()
+            loss = self.loss_fn(self.model, batch)
+        loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -165,6 +164,16 @@ class Runner:
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def vqa_loss(logits_fn):
+    """LXMERT's VQA loss on a model's logits: BCE over the answers, scaled by their number."""
+
+    def loss(model, batch):
+        logits = logits_fn(model, batch).float()
+        return F.binary_cross_entropy_with_logits(logits, batch["target"]) * logits.shape[1]
+
+    return loss
 
 
 def check_same_start(ours, theirs, batch) -> float:
@@ -194,8 +203,10 @@ def main():
         f"rounds; start logits max |diff| {diff:.2e}"
     )
     runners = [
-        Runner("ours (LxmertFusion + SDPA)", ours, ours_logits, args, device),
-        Runner("transformers LxmertForQuestionAnswering", theirs, theirs_logits, args, device),
+        Runner("ours (LxmertFusion + SDPA)", ours, vqa_loss(ours_logits), args, device),
+        Runner(
+            "transformers LxmertForQuestionAnswering", theirs, vqa_loss(theirs_logits), args, device
+        ),
     ]
     for _ in range(args.rounds):
         for runner in runners:

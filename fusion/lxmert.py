@@ -14,7 +14,8 @@ Weights come from local files only, through separate functions:
   architecture is an error unless a partial load is asked for. Heads are not loaded here (see
   pipelines/lxmert_import.py for the answer head).
 - `load_bert_language`: embeddings, the first language layers and the pooler from a Hugging Face
-  BERT folder, as LXMERT initialises them before pre-training.
+  BERT folder, as LXMERT's code does before pre-training unless --fromScratch (which the
+  released recipe passes: it pre-trains from random weights).
 """
 
 from __future__ import annotations

@@ -127,9 +127,15 @@ class LxmertPretraining(nn.Module):
             self.cls.predictions.bias.requires_grad_(False)
         if "matched" not in self.tasks:
             self.cls.seq_relationship.requires_grad_(False)
+        if not {"matched", "qa"} & set(self.tasks):  # nothing reads the pooled output
+            self.lxmert.pooler.requires_grad_(False)
+        last = self.lxmert.encoder.x_layers[-1]
         if not set(VISUAL_TASKS) & set(self.tasks):
             # nothing reads the visual output: the last layer's visual stream is skipped
-            language_only_tail(self.lxmert.encoder.x_layers[-1])
+            language_only_tail(last)
+        if not {"mlm", "matched", "qa"} & set(self.tasks):  # nor the language output
+            for part in (last.lang_self_att, last.lang_inter, last.lang_output):
+                part.requires_grad_(False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch: text_ids, text_mask (B, L), region_feats (B, K, Dv), region_boxes (B, K, 4),

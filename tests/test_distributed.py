@@ -137,3 +137,39 @@ def test_two_rank_extraction_never_replaces_another_file(tmp_path):
     assert proc.returncode != 0
     assert "results.h5 exists and is not a vlpipe cache" in proc.stderr
     assert target.read_bytes() == before and not (tmp_path / "results.shards").exists()
+
+
+def _pretrain_inputs(folder):
+    """A 12-image region cache and LXMERT pre-training json: a caption and a question each."""
+    import json
+
+    from tests.fusion_fixtures import COLORS, image_cache
+
+    image_cache(folder / "img.h5", 12, kind="regions")
+    items = [
+        {
+            "img_id": f"img{i}",
+            "sentf": {"mscoco": [f"a {COLORS[i % 3]} shape"], "vqa": ["what color is it?"]},
+            "labelf": {"vqa": [{COLORS[i % 3]: 1.0}]},
+        }
+        for i in range(12)
+    ]
+    (folder / "pt.json").write_text(json.dumps(items))
+    tiny = '{"hidden":32,"heads":2,"intermediate":64,"l_layers":1,"r_layers":1,"x_layers":1}'
+    return ["--features", folder / "img.h5", "--data", folder / "pt.json", "--model-config", tiny]
+
+
+def test_two_rank_pretraining_trains_and_validates_every_sentence(tmp_path):
+    """torchrun -m vlpipe pretrain: every task's loss logged, the validation gathers every
+    rank's share (24 sentences), rank 0 alone writes the run."""
+    import json
+
+    inputs = _pretrain_inputs(tmp_path)
+    out = tmp_path / "two"
+    args = ["pretrain", *inputs, "--val-data", tmp_path / "pt.json", "--epochs", 2]
+    _run([*args, "--batch-size", 4, "--out", out, "--no-progress"], torchrun=True)
+    evals = [json.loads(line) for line in (out / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["examples"] for e in evals] == [24, 24]
+    header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert {f"loss_{t}" for t in ("mlm", "matched", "obj", "attr", "feat", "qa")} <= set(header)
+    assert len(logged_losses(out)) == 6  # 24 sentences / (2 ranks x 4) x 2 epochs
