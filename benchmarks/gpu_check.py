@@ -117,11 +117,19 @@ def _vit(f: dict) -> str:
 
 
 def _lxmert(f: dict) -> str:
-    c, ours, theirs = f["config"], f["ours"], f["theirs"]
+    c = f["config"]
+    text = f"hidden {c['hidden']}, layers {c['layers']}, batch {c['batch']}, amp {c['amp']}: "
+    text += "fine-tuning " + _ours_theirs(f)
+    if "pretrain" in f:  # benchmarks/pretrain_lxmert.py, run in the same stage
+        text += "; pre-training " + _ours_theirs(f["pretrain"])
+    return text
+
+
+def _ours_theirs(f: dict) -> str:
+    ours, theirs = f["ours"], f["theirs"]
     return (
-        f"hidden {c['hidden']}, layers {c['layers']}, batch {c['batch']}, amp {c['amp']}: ours "
-        f"{ours['samples_per_s']:.1f} samples/s ({ours['ms_per_step']:.1f} ms/step), "
-        f"transformers {theirs['samples_per_s']:.1f} ({theirs['ms_per_step']:.1f} ms/step); "
+        f"ours {ours['samples_per_s']:.1f} samples/s ({ours['ms_per_step']:.1f} ms/step), "
+        f"transformers {theirs['samples_per_s']:.1f} ({theirs['ms_per_step']:.1f} ms/step), "
         f"ratio {f['ratio']:.2f} (target >= 1.0)"
     )
 
@@ -199,6 +207,8 @@ def load_figures(stage: dict, work: Path) -> None:
             figures = read_pytest(work / "pytest.xml")
         else:
             figures = json.loads((work / f"{name}.json").read_text())
+        if name == "lxmert" and (work / "lxmert_pretrain.json").exists():
+            figures["pretrain"] = json.loads((work / "lxmert_pretrain.json").read_text())
         stage["figures"], stage["summary"] = figures, SUMMARIES[name](figures)
     except (OSError, ValueError, KeyError, TypeError, ET.ParseError, AttributeError) as err:
         stage["figures"], stage["summary"] = None, "no figures"

@@ -151,3 +151,36 @@ def assert_fits_one_batch(model, batch: dict, steps: int = 15) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def region_cache(
+    path: Path,
+    n: int,
+    *,
+    regions: int = 8,
+    min_real: int = 3,
+    dim: int = DIM,
+    labels: tuple[int, int] = (5, 5),
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """n region images (keys img0..) with a random number (>= min_real) of real regions each;
+    the padding rows (image_mask False) hold features too (9.0), so a masking that used them
+    would show. Detector ids are below `labels` (objects, attributes). Returns the arrays."""
+    rng = np.random.default_rng(seed)
+    real = np.arange(regions)[None] < rng.integers(min_real, regions + 1, n)[:, None]
+    xy = rng.uniform(0, 15, (n, regions, 2))
+    arrays = {
+        "image_feats": np.where(real[..., None], rng.normal(size=(n, regions, dim)), 9.0),
+        "image_hw": np.tile([[30, 40]], (n, 1)),
+        "image_boxes": np.concatenate([xy, xy + rng.uniform(1, 15, (n, regions, 2))], -1),
+        "image_mask": real,
+        "obj_ids": rng.integers(0, labels[0], (n, regions)),
+        "obj_conf": rng.uniform(0.2, 1.0, (n, regions)),
+        "attr_ids": rng.integers(0, labels[1], (n, regions)),
+        "attr_conf": rng.uniform(0.2, 1.0, (n, regions)),
+    }
+    arrays = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in arrays.items()}
+    schema = Schema.build("regions", region_shapes(regions, dim), "float32")
+    with CacheWriter(path, schema, dict(PROV, backbone="frcnn")) as writer:
+        writer.add([f"img{i}" for i in range(n)], arrays)
+    return arrays
