@@ -34,6 +34,11 @@ def load_run(run_dir: Path, which: str | None = None) -> tuple[TaskModel, dict[s
         )
     path, reason = ckpt.select_checkpoint(run_dir, which)
     meta = ckpt.load_meta(path)
+    if meta.get("kind") == "pretrain":
+        raise ckpt.RunError(
+            f"{run_dir}: a pre-training run (vlpipe pretrain) has no task head: fine-tune it "
+            "with `vlpipe train --init` first"
+        )
     task = get_task(meta["task"])
     config = make_fusion_config(meta["fusion"], meta["fusion_config"])
     model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)

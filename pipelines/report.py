@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             f"no run folders (with a {ckpt.LATEST} file) in {', '.join(map(str, dirs))}"
         )
     return list(dict.fromkeys(runs))
+
+
+def is_pretraining(run_dir: Path) -> bool:
+    return ckpt.load_meta(ckpt.latest_checkpoint(run_dir)).get("kind") == "pretrain"
 
 
 def read_run(run_dir: Path, which: str) -> RunResult:
@@ -236,7 +241,13 @@ def group(results: list[RunResult]) -> list[Row]:
 
 def write_report(dirs: list[Path], out: Path, which: str = "best") -> Path:
     """results.md / .csv / .json and the two plots in `out`; returns results.md."""
-    results = [read_run(run, which) for run in find_runs(dirs)]
+    runs = find_runs(dirs)
+    pretraining = [run for run in runs if is_pretraining(run)]
+    for run in pretraining:  # no task, no headline metric: nothing for this table
+        print(f"report: leaving out {run}: a pre-training run (vlpipe pretrain)", file=sys.stderr)
+    results = [read_run(run, which) for run in runs if run not in pretraining]
+    if not results:
+        raise InputError(f"no fine-tuning runs in {', '.join(map(str, dirs))}")
     rows = group(results)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.md", markdown(rows, which))
