@@ -47,7 +47,8 @@ class PretrainObjective:
         info = dist or distributed.DistInfo()
         model.eval().to(device)
         indices = list(range(info.rank, len(data), info.world))
-        sums = dict.fromkeys(("examples", "qa_examples", "qa_score", *self.parts), 0.0)
+        counts = (f"{name}_n" for name in self.parts)
+        sums = dict.fromkeys(("examples", "qa_examples", "qa_score", *self.parts, *counts), 0.0)
         for chunk, batch in zip(
             _chunks(indices, batch_size),
             data.loader(batch_size, indices, num_workers),
@@ -57,7 +58,9 @@ class PretrainObjective:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 heads = model(batch)
             for name, value in pretrain_losses(heads, batch).items():
-                sums[name] += float(value) * len(chunk)
+                count = _averaged_over(name, batch)
+                sums[name] += float(value) * count
+                sums[f"{name}_n"] += count
             sums["examples"] += len(chunk)
             if "qa" in heads:
                 self._qa_score(sums, heads["qa"].float().argmax(-1).tolist(), chunk, batch, data)
@@ -74,6 +77,17 @@ class PretrainObjective:
             sums["qa_score"] += float(scores[ids == answer].max(initial=0.0))
 
 
+def _averaged_over(task: str, batch: dict[str, torch.Tensor]) -> int:
+    """What a task's batch loss is a mean over: masked tokens (mlm), examples with an answer
+    (qa), examples (the others: their regions are K per example), so the validation loss is
+    that mean over the whole split, whatever the batch size."""
+    if task == "mlm":
+        return int((batch["mlm_labels"] >= 0).sum())
+    if task == "qa":
+        return int((batch["qa_target"] >= 0).sum())
+    return len(batch["text_ids"])
+
+
 def _chunks(items: list[int], size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -85,8 +99,9 @@ def _sum_over_ranks(info: distributed.DistInfo, sums: dict[str, float]) -> dict[
 
 
 def _results(sums: dict[str, float], parts: tuple[str, ...]) -> dict[str, Any]:
-    n = max(sums["examples"], 1.0)
-    results: dict[str, Any] = {name: sums[name] / n for name in parts}
+    results: dict[str, Any] = {
+        name: sums[name] / sums[f"{name}_n"] if sums[f"{name}_n"] else 0.0 for name in parts
+    }
     results["total"] = float(np.sum([results[name] for name in parts]))
     results["examples"] = int(sums["examples"])
     if sums["qa_examples"]:

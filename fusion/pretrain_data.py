@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlpipe.errors import ConfigError
 from vlpipe.fusion.data import CacheSet, DataMismatch, grid_of, visual_fields
 from vlpipe.fusion.pretrain_losses import IGNORE
 from vlpipe.fusion.pretrain_model import TASKS, VISUAL_TASKS
@@ -51,6 +52,12 @@ def available_tasks(
     images: CacheSet, wanted: Sequence[str], has_answers: bool
 ) -> tuple[tuple[str, ...], dict[str, str]]:
     """(the tasks of `wanted` the inputs allow, in TASKS order; {task: why it is off})."""
+    unknown = [t for t in wanted if t not in TASKS]
+    if unknown or not wanted:
+        raise ConfigError(
+            f"--tasks {', '.join(map(repr, unknown)) or '(none)'}: pre-training tasks are "
+            f"{', '.join(TASKS)} (repeat --tasks for several)"
+        )
     off: dict[str, str] = {}
     if "image_feats" not in images.fields:
         raise DataMismatch(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,7 @@ def _identity(meta: dict) -> dict[str, Any]:
         "training data": meta.get("data"),
         "train": {k: v for k, v in train_config.items() if k not in RESUMABLE},
     }
-    return _flatten(identity)
+    return _flatten(json.loads(json.dumps(identity, default=str)))  # as run.json holds it
 
 
 def _check_resumable(job: PretrainJob, meta: dict) -> None:
