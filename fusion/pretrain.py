@@ -40,8 +40,8 @@ class PretrainObjective:
 
     @torch.no_grad()
     def validate(self, model, data, batch_size, device, num_workers, dist) -> dict[str, Any]:
-        """Mean losses over the validation sentences (each rank a share, summed over ranks)
-        and the QA score in percent."""
+        """Each task's loss as one mean over the validation split (each rank a share, summed
+        over ranks: see `_averaged_over`), their total, and the QA score in percent."""
         from vlpipe.fusion.train import to_device
 
         info = dist or distributed.DistInfo()
