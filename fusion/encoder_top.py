@@ -116,7 +116,8 @@ def attention_mask(config, hidden: torch.Tensor, mask: torch.Tensor):
     except ImportError:  # transformers 4: the additive mask of get_extended_attention_mask
         keep = mask[:, None, None, :].to(hidden.dtype)
         return (1.0 - keep) * torch.finfo(hidden.dtype).min
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    # positional: transformers 4.5x name the embeddings `input_embeds`, 5 `inputs_embeds`
+    return create_bidirectional_mask(config, hidden, mask)
 
 
 # --------------------------------------------------------------------------------------------
