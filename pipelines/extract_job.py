@@ -65,7 +65,7 @@ def _legacy_sections(layer: dict) -> dict:
     if isinstance(layer["cnn"], dict) and "layer" in layer["cnn"]:
         layer["cnn"] = dict(layer["cnn"])
         stage = layer["cnn"].pop("layer")
-        if layer.get("layer") is None:
+        if stage is not None and layer.get("layer") is None:  # None: a replayed default
             layer["layer"] = stage
     return layer
 
