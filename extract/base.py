@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from vlpipe import provenance as prov
+from vlpipe.errors import ConfigError
 from vlpipe.weights import WeightsError
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -112,6 +113,32 @@ class Extractor(nn.Module):
             **prov.weights_record(self.weights_path),
             **self.weights_conversion(),
         }
+
+
+def encoder_block(layer: str | int | None, total: int, arch: str, *, tokens: bool) -> int:
+    """`--layer` of a transformer encoder (vit, bert): N, the blocks applied, 1..total (None:
+    all of them). Below `total` every token is cached (the blocks above read them all), so
+    `tokens` (not --cls-only) must be on."""
+    if layer is None:
+        return total
+    text = str(layer).strip()
+    if not text.isdigit() or not 1 <= int(text) <= total:
+        raise ConfigError(
+            f"--layer {layer!r}: N, the encoder blocks applied, must be 1..{total} ({arch} has "
+            f"{total}; {total}, the default, is the last layer)"
+        )
+    if int(text) < total and not tokens:
+        raise ConfigError(
+            f"--cls-only with --layer {text}: a layer below the last ({total}) caches every "
+            "token, which the blocks above it read; drop --cls-only"
+        )
+    return int(text)
+
+
+def block_record(blocks: int, total: int) -> dict[str, Any]:
+    """The `encoder_block` fact (and preprocessing entry) of a cache of the tokens after
+    `blocks` of `total` encoder blocks: none for the last layer, as caches always were."""
+    return {"encoder_block": [blocks, total]} if blocks < total else {}
 
 
 def parse_weights(weights: str | None) -> str | None:

@@ -1,4 +1,6 @@
-"""BERT (transformers): last-layer token features and the [CLS] feature of each text."""
+"""BERT (transformers): last-layer token features and the [CLS] feature of each text; or, with
+`--layer N` below the depth L, hidden_states[N] (the layers above are dropped;
+fusion/encoder_top.py rebuilds them from the same weights for training)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlpipe.extract.base import Batch, Extractor
+from vlpipe.extract.base import Batch, Extractor, block_record, encoder_block
 from vlpipe.tokenizer import MAX_LENGTH, bert_tokenizer, default_vocab
 from vlpipe.weights import WeightsError, load_into, read_state_dict
 
@@ -21,13 +23,22 @@ class BertExtractor(Extractor):
     modality = "text"
 
     def __init__(
-        self, model, weights, model_record, tokenizer, vocab: str, max_length: int, tokens: bool
+        self,
+        model,
+        weights,
+        model_record,
+        tokenizer,
+        vocab: str,
+        max_length: int,
+        tokens: bool,
+        block: dict[str, Any] | None = None,
     ):
         super().__init__(model, weights, model_record)
         self.tokenizer = tokenizer
         self.vocab = vocab
         self.max_length = max_length
         self.tokens = tokens
+        self.block = block or {}  # {"encoder_block": [N, L]} below the last layer
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         dim, length = self.model.config.hidden_size, self.max_length
@@ -70,6 +81,7 @@ class BertExtractor(Extractor):
             "vocab_sha256": sha256_file(find_vocab(self.vocab)),
             "vocab_size": len(self.tokenizer),
             "max_length": self.max_length,
+            **self.block,
         }
 
     def preprocessing(self) -> dict[str, Any]:
@@ -85,6 +97,7 @@ class BertExtractor(Extractor):
             "max_length": self.max_length,
             "padding": "max_length",
             "truncation": True,
+            **self.block,
         }
 
 
@@ -112,19 +125,11 @@ def _vocab_path(weights: str | None, vocab: str | None) -> Path:
     return fallback
 
 
-def build_bert(
-    *,
-    arch: str | None,
-    weights: str | None,
-    max_length: int = MAX_LENGTH,
-    model_kwargs: dict[str, Any],
-    vocab: str | None = None,
-    patches: bool = True,
-    **_,
-) -> BertExtractor:
+def load_bert(config, weights: str | None):
+    """BertModel without its pooler, from `config`: random-init (from torch's seed), or with a
+    file's (or model folder's) weights loaded strictly."""
     from transformers import BertModel
 
-    config = _config(weights, model_kwargs)
     model = BertModel(config, add_pooling_layer=False)
     if weights is not None:
         state = {k.removeprefix("bert."): v for k, v in read_state_dict(weights).items()}
@@ -135,6 +140,22 @@ def build_bert(
             weights,
             ignore=lambda k: k.startswith(("pooler.", "cls.")) or k.endswith("position_ids"),
         )
+    return model
+
+
+def build_bert(
+    *,
+    arch: str | None,
+    weights: str | None,
+    max_length: int = MAX_LENGTH,
+    model_kwargs: dict[str, Any],
+    vocab: str | None = None,
+    patches: bool = True,
+    layer: str | int | None = None,
+    **_,
+) -> BertExtractor:
+    config = _config(weights, model_kwargs)
+    model = load_bert(config, weights)
     vocab_path = _vocab_path(weights, vocab)
     tokenizer = bert_tokenizer(vocab_path)
     if len(tokenizer) != config.vocab_size:
@@ -147,4 +168,11 @@ def build_bert(
         "config": config.to_diff_dict(),
         "num_params": sum(p.numel() for p in model.parameters()),
     }
-    return BertExtractor(model, weights, record, tokenizer, str(vocab_path), max_length, patches)
+    total = config.num_hidden_layers
+    blocks = encoder_block(layer, total, name, tokens=patches)
+    if blocks < total:  # last_hidden_state is then hidden_states[N]
+        model.encoder.layer = model.encoder.layer[:blocks]
+    block = block_record(blocks, total)
+    return BertExtractor(
+        model, weights, record, tokenizer, str(vocab_path), max_length, patches, block
+    )

@@ -1,4 +1,6 @@
-"""ViT (timm): CLS token and patch tokens of the last layer, after the final norm."""
+"""ViT (timm): CLS token and patch tokens of the last layer, after the final norm; or, with
+`--layer N` below the depth L, every token after block N, before the final norm (the blocks
+above are dropped; fusion/encoder_top.py rebuilds them from the same weights for training)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import torch
 
 from vlpipe.errors import ConfigError
-from vlpipe.extract.base import Batch, Extractor, ImageTransform
+from vlpipe.extract.base import Batch, Extractor, ImageTransform, block_record, encoder_block
 from vlpipe.weights import LoadReport, load_into, read_state_dict
 
 DEFAULT_ARCH = "vit_base_patch16_224"  # the paper's ViT-B/16
@@ -20,11 +22,20 @@ class ViTExtractor(Extractor):
     backbone = "vit"
     kind = "patches"
 
-    def __init__(self, model, weights, model_record, transform: ImageTransform, patches: bool):
+    def __init__(
+        self,
+        model,
+        weights,
+        model_record,
+        transform: ImageTransform,
+        patches: bool,
+        block: dict[str, Any] | None = None,
+    ):
         super().__init__(model, weights, model_record)
         self.transform = transform
         self.patches = patches
         self.grid = tuple(model.patch_embed.grid_size)
+        self.block = block or {}  # {"encoder_block": [N, L]} below the last layer
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         dim = self.model.embed_dim
@@ -42,10 +53,10 @@ class ViTExtractor(Extractor):
         return out
 
     def preprocessing(self) -> dict[str, Any]:
-        return dict(self.transform.record(), grid=list(self.grid))
+        return dict(self.transform.record(), grid=list(self.grid), **self.block)
 
     def facts(self) -> dict[str, Any]:
-        return {"grid": list(self.grid)} if self.patches else {}
+        return {"grid": list(self.grid), **self.block} if self.patches else {}
 
 
 def build_timm(
@@ -102,6 +113,23 @@ def _timm_filter(model: torch.nn.Module, state: dict) -> dict:
     return filter_fn(state, model) if filter_fn else state
 
 
+def check_block_arch(model: torch.nn.Module, arch: str) -> None:
+    """A ViT `--layer` can split: timm's VisionTransformer (blocks, then the final norm, in
+    forward_features) with one prefix token, the CLS (image_cls; the rest are patches)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"--layer: {arch} is a timm {type(model).__name__}, not a VisionTransformer "
+            "(blocks, then the final norm) whose blocks vlpipe can split"
+        )
+    if model.num_prefix_tokens != 1 or model.cls_token is None:
+        raise ConfigError(
+            f"--layer: {arch} has {model.num_prefix_tokens} prefix tokens; vlpipe splits ViTs "
+            "whose one prefix token is the CLS (no registers, no distillation token)"
+        )
+
+
 def build_vit(
     *,
     arch: str | None,
@@ -109,10 +137,19 @@ def build_vit(
     image_size: int | None,
     model_kwargs: dict[str, Any],
     patches: bool = True,
+    layer: str | int | None = None,
     **_,
 ) -> ViTExtractor:
     arch = arch or DEFAULT_ARCH
     model, record = build_timm(arch, weights, image_size, model_kwargs)
+    block = {}
+    if layer is not None:
+        check_block_arch(model, arch)
+        total = len(model.blocks)
+        blocks = encoder_block(layer, total, arch, tokens=patches)
+        if blocks < total:  # forward_features stops after block N, before the (now no) norm
+            model.prune_intermediate_layers([blocks - 1], prune_norm=True, prune_head=True)
+        block = block_record(blocks, total)
     cfg = model.pretrained_cfg or {}
     size = tuple(model.patch_embed.img_size)
     transform = ImageTransform(
@@ -121,4 +158,4 @@ def build_vit(
         std=tuple(cfg.get("std", (0.5, 0.5, 0.5))),
         interpolation=cfg.get("interpolation", "bicubic"),
     )
-    return ViTExtractor(model, weights, record, transform, patches)
+    return ViTExtractor(model, weights, record, transform, patches, block)

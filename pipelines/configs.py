@@ -334,15 +334,11 @@ WEIGHTS_LAYOUTS = ("timm", "lukemelas", "resmem")
 
 @dataclass(kw_only=True)
 class CnnSection:
-    """Options of `--backbone cnn` and `--backbone resnet` (None: the last stage, global average
-    pooling, the layout the file's keys have). Configs written before `cnn` existed name this
-    section `resnet`; it is read as this one."""
+    """Options of `--backbone cnn` and `--backbone resnet` (None: global average pooling, the
+    layout the file's keys have). Configs written before `cnn` existed name this section
+    `resnet`; it is read as this one. Its `layer` became the job's own (old configs that have it
+    here are read so: pipelines/extract_job.py)."""
 
-    layer: str | None = opt(
-        None,
-        "stage whose output is cached: a timm feature_info module (resnet: layer3 = C4; "
-        "EfficientNet: blocks.4), forward_features, or an index (-1: the last)",
-    )
     pool: str | None = opt(None, "pooled image vector (default avg)", choices=("avg", "max"))
     weights_layout: str | None = opt(
         None,
@@ -395,6 +391,13 @@ class ExtractJob:
     max_length: int = opt(MAX_LENGTH, "text tokens incl. [CLS] / [SEP]", minimum=3)
     vocab: str | None = opt(None, "WordPiece vocab.txt (default: the model folder's)")
     cls_only: bool = opt(False, "store only CLS / pooled features, not tokens or patches")
+    layer: str | None = opt(
+        None,
+        "what is cached. resnet / cnn: the stage, a timm feature_info module (resnet: layer3 = "
+        "C4; EfficientNet: blocks.4), forward_features, or an index (-1: the last). vit / bert: "
+        "N, the encoder blocks applied, 1..L; N < L caches every token after block N, before "
+        "the final norm, for training the top blocks (default: the last layer, normed)",
+    )
     threads: int = opt(0, THREADS_HELP, minimum=0)
     run: RunConfig = section(RunConfig)
     frcnn: FrcnnSection = section(FrcnnSection)
@@ -403,6 +406,7 @@ class ExtractJob:
 
 # Which backbones each option applies to: giving it for another one is an error naming it.
 APPLIES = {
+    "layer": ("vit", "bert", "resnet", "cnn"),
     "cls_only": ("vit", "resnet", "cnn", "bert"),
     "max_length": ("bert",),
     "vocab": ("bert",),

@@ -67,7 +67,7 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
     tag = "_cls" if cls_only else ""  # token caches and CLS caches live side by side
     tag += f"_first{opts.limit}" if opts.limit else ""
     vision = opts.vision_settings()
-    stage = {k: vision[k] for k in ("layer", "pool") if k in vision}
+    pool = {"pool": vision["pool"]} if "pool" in vision else {}
     # one cache per setting: another --vision-arch / --image-size / weights gets its own
     weights = vision["weights"]
     weights = weights.removeprefix("installed:") if ":" in weights else Path(weights).stem
@@ -82,9 +82,10 @@ def extract_all(opts: DemoOptions) -> dict[str, dict[str, Path]]:
             "image_size": vision["image_size"],
             "cls_only": cls_only,
             "limit": opts.limit,
+            "layer": vision.get("layer"),  # a CNN's stage
         }
-        if stage:  # the [cnn] section: the stage and pooling of a CNN backbone
-            image["cnn"] = stage
+        if pool:  # the [cnn] section: the pooling of a CNN backbone
+            image["cnn"] = pool
         bert = {
             "backbone": "bert",
             "out": str(work / f"{split}_bert{tag}.h5"),

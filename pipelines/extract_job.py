@@ -16,13 +16,21 @@ from vlpipe.extract.base import parse_weights
 from vlpipe.extract.runner import RunOptions, Summary, extract_images, extract_texts
 from vlpipe.pipelines.configs import APPLIES, ExtractJob
 
+CNN_BACKBONES = ("resnet", "cnn")  # where `layer` names a stage (the old [cnn] section's)
+
 
 def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
     """The ExtractJob of the layers (file, --set, flags); an option given for a backbone it
     does not apply to is an error naming it (defaults never are)."""
+    section_layer = _layer_from_section(layers)
     layers = tuple(_legacy_sections(layer) for layer in layers)
     given = merge_all(*layers)
     job = resolve(ExtractJob, *layers, names=names)
+    if section_layer and job.backbone not in CNN_BACKBONES:  # a CNN stage, as it always was
+        raise ConfigError(
+            f"cnn.layer: only for --backbone {' | '.join(CNN_BACKBONES)}, not {job.backbone!r} "
+            "(vit / bert: the top-level `layer`, --layer N)"
+        )
     defaults = _defaults()
     for name, backbones in APPLIES.items():
         value = given.get(name)
@@ -42,16 +50,41 @@ def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
 
 
 def _legacy_sections(layer: dict) -> dict:
-    """A layer with the section configs written before `--backbone cnn` call `resnet` (every
-    extract config a cache recorded until then) read as the `cnn` section, which it became;
-    where a layer has both, `cnn` wins."""
-    if not isinstance(layer, dict) or "resnet" not in layer:
+    """A layer as configs are written now: the section configs written before `--backbone cnn`
+    call `resnet` (every extract config a cache recorded until then) read as the `cnn` section,
+    which it became (where a layer has both, `cnn` wins), and that section's `layer` (before
+    `--layer` applied to vit / bert too) read as the job's own (where a layer has both, the
+    top-level one wins)."""
+    if not isinstance(layer, dict) or not {"resnet", "cnn"} & layer.keys():
         return layer
     layer = dict(layer)
-    old = layer.pop("resnet")
-    both = isinstance(old, dict) and isinstance(layer.get("cnn"), dict)
-    layer["cnn"] = merge_all(old, layer["cnn"]) if both else layer.get("cnn", old)
+    if "resnet" in layer:
+        old = layer.pop("resnet")
+        both = isinstance(old, dict) and isinstance(layer.get("cnn"), dict)
+        layer["cnn"] = merge_all(old, layer["cnn"]) if both else layer.get("cnn", old)
+    if isinstance(layer["cnn"], dict) and "layer" in layer["cnn"]:
+        layer["cnn"] = dict(layer["cnn"])
+        stage = layer["cnn"].pop("layer")
+        if stage is not None and layer.get("layer") is None:  # None: a replayed default
+            layer["layer"] = stage
     return layer
+
+
+def _layer_from_section(layers: tuple[dict, ...]) -> bool:
+    """Whether the layer that sets `layer` last sets it in an old `[cnn]` / `[resnet]`
+    section (None, as replayed configs hold it, sets nothing)."""
+    from_section = False
+    for layer in layers:
+        if not isinstance(layer, dict):
+            continue
+        if layer.get("layer") is not None:
+            from_section = False
+        elif any(
+            isinstance(layer.get(name), dict) and layer[name].get("layer") is not None
+            for name in ("resnet", "cnn")
+        ):
+            from_section = True
+    return from_section
 
 
 def _defaults() -> dict[str, Any]:
@@ -73,8 +106,10 @@ def build_from_job(job: ExtractJob):
     import torch
 
     weights = parse_weights(job.weights)
-    cnn = _given(job.cnn)
+    layer = {"layer": job.layer} if job.layer is not None else {}
+    cnn = {**_given(job.cnn), **layer}
     specific = {"frcnn": _frcnn_options(job.frcnn), "resnet": cnn, "cnn": cnn}
+    specific |= {"vit": layer, "bert": layer}
     torch.manual_seed(job.run.seed)  # random-init weights are a function of the seed
     try:
         extractor = _build(job, weights, specific)

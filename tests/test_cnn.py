@@ -226,9 +226,9 @@ def test_old_configs_name_the_section_resnet():
 
     base = {"backbone": "resnet", "dataset": "folder", "out": "x.h5", "weights": "random"}
     job = resolve_extract({**base, "resnet": {"layer": "layer2", "pool": "max"}})
-    assert (job.cnn.layer, job.cnn.pool) == ("layer2", "max")
+    assert (job.layer, job.cnn.pool) == ("layer2", "max")  # `layer` is the job's own now
     job = resolve_extract({**base, "resnet": {"layer": "layer2"}, "cnn": {"layer": "layer3"}})
-    assert job.cnn.layer == "layer3"
+    assert job.layer == "layer3"
     with pytest.raises(ConfigError, match="cnn.layer: only for --backbone resnet | cnn"):
         resolve_extract({**base, "backbone": "vit", "resnet": {"layer": "layer2"}})
 

@@ -33,8 +33,8 @@ FIELDS: dict[str, tuple[str | None, str]] = {
     "obj_conf": ("float32", "K object class confidence"),
     "attr_ids": ("int64", "K attribute id (0-based, 'no attribute' excluded)"),
     "attr_conf": ("float32", "K attribute confidence"),
-    "text_feats": (None, "L x D last-layer token features"),
-    "text_cls": (None, "D last-layer [CLS] feature"),
+    "text_feats": (None, "L x D last-layer token features (see the encoder_block fact)"),
+    "text_cls": (None, "D last-layer [CLS] feature (see the encoder_block fact)"),
     "text_ids": ("int32", "L WordPiece token ids"),
     "text_mask": ("bool", "L attention mask"),
     "text": ("str", "the text that was encoded"),
@@ -70,6 +70,11 @@ FACTS: dict[str, tuple[tuple[str, ...], str]] = {
     "vocab_sha256": (("tokens",), "sha256 of the WordPiece vocab.txt that made text_ids"),
     "vocab_size": (("tokens",), "tokens in that vocab"),
     "max_length": (("tokens",), "text_ids per text, [CLS] / [SEP] included"),
+    "encoder_block": (
+        ("patches", "tokens"),
+        "[N, L]: the features are the tokens after N of the encoder's L blocks, before the final "
+        "norm (image_cls / text_cls: the CLS token's row); absent: the last layer's output",
+    ),
 }
 KIND_FACTS = {"regions": {"box_unit": "pixels"}}  # what every cache of a kind declares
 
