@@ -6,7 +6,8 @@ what the model needs, and serves whole batches (one batched HDF5 read per batch,
 workers). Batch fields: region_feats, region_boxes, region_mask (what a model attends over:
 the cache's regions, or its patches / grid cells with the CLS / pooled vector prepended as a
 whole-image region, so K or K + 1 rows; boxes normalised to [0, 1], unlike the cache's pixel
-image_boxes), image_cls, text_feats, text_mask, text_cls, text_ids, plus `target`.
+image_boxes), image_cls, image_tokens (a middle-layer patch cache's CLS + patch tokens, for
+the encoder tops --tune-top trains), text_feats, text_mask, text_cls, text_ids, plus `target`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vlpipe.fusion.tasks import Task
 from vlpipe.provenance import encoder_identity
 from vlpipe.tokenizer import MAX_LENGTH
 
-IMAGE_FIELDS = ("region_feats", "region_boxes", "region_mask", "image_cls")
+IMAGE_FIELDS = ("region_feats", "region_boxes", "region_mask", "image_cls", "image_tokens")
 TEXT_FIELDS = ("text_feats", "text_mask", "text_cls")
 
 
@@ -134,6 +135,7 @@ def visual_fields(
         if "image_feats" in raw:
             feats = np.concatenate([cls[:, None], raw["image_feats"].astype(np.float32)], 1)
             out["region_feats"] = feats
+            out["image_tokens"] = feats  # a middle-layer cache's token stream, CLS first
             out["region_boxes"] = np.broadcast_to(grid_boxes(grid, True), (*feats.shape[:2], 4))
             out["region_mask"] = np.ones(feats.shape[:2], dtype=bool)
     return {k: v for k, v in out.items() if k in needs}
@@ -142,7 +144,7 @@ def visual_fields(
 def image_source_fields(kind: str, fields: dict) -> set[str]:
     """Which model inputs an image cache of this kind and fields can provide."""
     if kind == "regions":
-        return set(IMAGE_FIELDS)
+        return set(IMAGE_FIELDS) - {"image_tokens"}
     return set(IMAGE_FIELDS) if "image_feats" in fields else {"image_cls"}
 
 

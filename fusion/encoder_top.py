@@ -213,3 +213,62 @@ def _check_rebuilt(model: nn.Module, record: dict[str, Any], total: int, cache: 
             f"{cache}: rebuilt {record.get('arch')} has {len(blocks)} blocks and {params} "
             f"parameters; the cache records {total} and {record.get('num_params')}"
         )
+
+
+def rebuild_architecture(
+    provenance: dict[str, Any], block: list[int], k: int, cache: str = "the cache"
+) -> EncoderTop:
+    """The top of a cache's encoder with its architecture only (random weights): what a run's
+    checkpoint, which holds the trained top, is loaded into."""
+    cls, build = TOPS[provenance["backbone"]]
+    model = build(provenance["model"], None)
+    _check_rebuilt(model, provenance["model"], block[1], cache)
+    return cls.from_model(model, block[0]).train_top(k)
+
+
+class CachedEncoders(nn.Module):
+    """The encoder tops a run trains, applied to a batch before the fusion: `vision` turns the
+    cached image tokens (image_tokens: B, 1 + P, D) into what a last-layer patch cache gives
+    (image_cls, and the CLS + patches as regions over the patch grid), `text` the cached
+    hidden states (text_feats, text_mask) into last-layer text_feats and text_cls."""
+
+    def __init__(
+        self,
+        vision: VitTop | None = None,
+        text: BertTop | None = None,
+        grid: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        self.vision, self.text, self.grid = vision, text, grid
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The batch fields the tops read."""
+        return (("image_tokens",) if self.vision else ()) + (
+            ("text_feats", "text_mask") if self.text else ()
+        )
+
+    @property
+    def provides(self) -> tuple[str, ...]:
+        vision = ("image_cls", "region_feats", "region_boxes", "region_mask")
+        return (vision if self.vision else ()) + (("text_feats", "text_cls") if self.text else ())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = dict(batch)
+        if self.vision is not None:
+            tokens = self.vision(batch["image_tokens"])
+            b, n = tokens.shape[:2]
+            batch["image_cls"], batch["region_feats"] = tokens[:, 0], tokens
+            boxes = torch.as_tensor(_grid_boxes(self.grid), device=tokens.device)
+            batch["region_boxes"] = boxes.expand(b, n, 4)
+            batch["region_mask"] = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+        if self.text is not None:
+            hidden = self.text(batch["text_feats"], batch["text_mask"])
+            batch["text_feats"], batch["text_cls"] = hidden, hidden[:, 0]
+        return batch
+
+
+def _grid_boxes(grid):
+    from vlpipe.fusion.data import grid_boxes
+
+    return grid_boxes(grid, True)

@@ -49,6 +49,15 @@ def fusion_inputs(name: str, widths: dict[str, int | None]) -> dict[str, int]:
     return {field: widths[source] for field, source in spec.inputs.items() if widths[source]}
 
 
+def needs_with_tops(needs: tuple[str, ...], tops) -> tuple[str, ...]:
+    """The batch fields a model reads: its fusion's `needs`, with what encoder tops (if any)
+    make from cached tokens replaced by those tokens."""
+    if tops is None:
+        return needs
+    own = tuple(k for k in needs if k not in set(tops.provides))
+    return tuple(dict.fromkeys(own + tops.needs))
+
+
 class TaskModel(nn.Module):
     def __init__(
         self,
@@ -67,13 +76,23 @@ class TaskModel(nn.Module):
         in_dim = self.fusion.output_dim * images_per_example
         hidden = head_hidden or 2 * self.fusion.output_dim
         self.head = ClassifierHead(in_dim, hidden, num_outputs, head_dropout)
+        self.tops = None  # encoder tops trained from middle-layer caches (set_tops)
+
+    def set_tops(self, tops: nn.Module) -> None:
+        """Run `tops` (fusion/encoder_top.py CachedEncoders) on each batch before the fusion;
+        an NLVR2 pair is not supported (one image per example)."""
+        if self.pair > 1:
+            raise ConfigError("--tune-top: tasks with one image per example only")
+        self.tops = tops
 
     @property
     def needs(self) -> tuple[str, ...]:
-        return self.fusion.needs
+        return needs_with_tops(self.fusion.needs, self.tops)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """batch fields (B, ...; image fields B, 2, ... for NLVR2) -> logits B, N."""
+        if self.tops is not None:
+            batch = self.tops(batch)
         fields = {k: batch[k] for k in self.fusion.needs}
         if self.pair > 1:
             fields = {k: self._pairs(k, v) for k, v in fields.items()}

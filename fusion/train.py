@@ -65,18 +65,42 @@ class EpochOrder(Sampler[int]):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "bertadam":  # one group, decay on everything, as LXMERT passes it
-        params = [p for p in model.parameters() if p.requires_grad]
-        return BertAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """The optimiser over the trainable parameters; encoder tops (`tops.*`) at
+    cfg.encoder_lr when it is set."""
+    encoder_lr = cfg.lr if cfg.encoder_lr is None else cfg.encoder_lr
+    if cfg.optimizer == "bertadam":  # decay on everything, as LXMERT passes it
+        groups = [
+            {"params": params, "lr": encoder_lr if encoder else cfg.lr}
+            for encoder, params in _by_encoder(model, lambda name, p: True).items()
+        ]
+        return BertAdam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = []
+    for decays in (True, False):
+        chosen = _by_encoder(model, lambda name, p, d=decays: _decays(name, p) == d)
+        for encoder, params in chosen.items():
+            groups.append(
+                {
+                    "params": params,
+                    "weight_decay": cfg.weight_decay if decays else 0.0,
+                    "lr": encoder_lr if encoder else cfg.lr,
+                }
+            )
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _decays(name: str, p: torch.nn.Parameter) -> bool:
+    """AdamW's weight decay: not on biases and norms."""
+    return p.ndim >= 2 and "norm" not in name.lower()
+
+
+def _by_encoder(model: torch.nn.Module, keep) -> dict[bool, list[torch.nn.Parameter]]:
+    """{is an encoder top's: trainable parameters `keep(name, p)` admits}, non-empty groups
+    only, the fusion and head first (the logged lr is theirs)."""
+    out: dict[bool, list] = {False: [], True: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad and keep(name, p):
+            out[name.startswith("tops.")].append(p)
+    return {k: v for k, v in out.items() if v}
 
 
 def make_schedule(

@@ -28,6 +28,12 @@ class TrainConfig:
         minimum=1,
     )
     lr: float = opt(5e-5, "peak learning rate", minimum=0.0)
+    encoder_lr: float | None = opt(
+        None,
+        "peak learning rate of the encoder blocks --tune-top trains (default: --lr; "
+        "pretrained layers usually take a lower one, e.g. 1e-5)",
+        minimum=0.0,
+    )
     optimizer: str = opt(
         "adamw",
         "adamw (no decay on biases / norms) | bertadam (LXMERT's --optim bert)",

@@ -113,6 +113,17 @@ class TrainJob:
     init_bert: str | None = opt(None, "BERT folder for LXMERT's language layers")
     answer_table: str | None = opt(None, "--init: names of its answer head rows (all_ans.json)")
     partial_init: bool = opt(False, "--init of another architecture: load what fits")
+    tune_top: int = opt(
+        0,
+        "train the top K blocks of each encoder whose cache holds a middle layer (extract "
+        "--layer N), rebuilt from --vision-weights / --text-weights, with the fusion and head "
+        "(0: frozen features)",
+        minimum=0,
+    )
+    vision_weights: str | None = opt(
+        None, "--tune-top: the ViT weights the image cache was made from ('random' for random-init)"
+    )
+    text_weights: str | None = opt(None, "--tune-top: the BERT folder the text cache was made from")
     threads: int = opt(0, THREADS_HELP, minimum=0)
     resume: bool = opt(False, "continue the run in --out exactly", save=False)
     accept_changes: bool = opt(

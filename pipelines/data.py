@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlpipe.errors import ConfigError
 from vlpipe.fusion.data import CacheSet, DataMismatch, TaskDataset
-from vlpipe.fusion.model import fusion_inputs
+from vlpipe.fusion.model import TaskModel, fusion_inputs, make_fusion_config
 from vlpipe.fusion.tasks import EvalOptions, Task, get_task
 from vlpipe.pipelines.configs import AnnotationConfig, EvalConfig
 
@@ -145,3 +145,25 @@ def cache_widths(images: CacheSet, texts: CacheSet | None, vocab_size: int | Non
 def fusion_dims(fusion: str, images: CacheSet, texts: CacheSet | None, vocab_size: int) -> dict:
     """Config values a fusion model takes from the caches it trains on."""
     return fusion_inputs(fusion, cache_widths(images, texts, vocab_size))
+
+
+def model_from_meta(meta: dict) -> TaskModel:
+    """The (untrained) TaskModel a run.json describes: fusion, head and, for a --tune-top run,
+    the encoder tops, rebuilt from the caches' provenance with their architecture only (the
+    checkpoint holds their weights)."""
+    task = get_task(meta["task"])
+    config = make_fusion_config(meta["fusion"], meta["fusion_config"])
+    model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)
+    tune = meta.get("tune")
+    if tune:
+        from vlpipe.fusion.encoder_top import CachedEncoders, rebuild_architecture
+
+        caches = meta.get("caches") or {}
+        parts = {
+            side: rebuild_architecture(caches[source], tune[side], tune["k"])
+            for side, source in (("vision", "image"), ("text", "text"))
+            if tune.get(side)
+        }
+        grid = tuple(tune["grid"]) if tune.get("grid") else None
+        model.set_tops(CachedEncoders(parts.get("vision"), parts.get("text"), grid))
+    return model

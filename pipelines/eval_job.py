@@ -13,11 +13,11 @@ from vlpipe.errors import ConfigError, EvaluationError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import DataMismatch, TaskDataset
-from vlpipe.fusion.model import TaskModel, make_fusion_config
+from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import evaluate, predict
 from vlpipe.pipelines.configs import DataConfig, EvalConfig, EvaluateJob, ModelSource, PredictJob
-from vlpipe.pipelines.data import DataSpec, build_dataset, fusion_dims
+from vlpipe.pipelines.data import DataSpec, build_dataset, fusion_dims, model_from_meta
 from vlpipe.provenance import encoder_identity
 
 if TYPE_CHECKING:
@@ -40,8 +40,7 @@ def load_run(run_dir: Path, which: str | None = None) -> tuple[TaskModel, dict[s
             "with `vlpipe train --init` first"
         )
     task = get_task(meta["task"])
-    config = make_fusion_config(meta["fusion"], meta["fusion_config"])
-    model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)
+    model = model_from_meta(meta)
     ckpt.load_weights(path, model)
     meta["checkpoint"] = {"path": str(path), "reason": reason}
     return model, meta, task

@@ -22,7 +22,7 @@ from vlpipe.errors import ConfigError, InputError
 from vlpipe.fusion import checkpoint as ckpt
 from vlpipe.fusion.answers import AnswerVocab
 from vlpipe.fusion.data import CacheSet, build_vocab
-from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config
+from vlpipe.fusion.model import TaskModel, fusion_needs, make_fusion_config, needs_with_tops
 from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import TrainConfig, train
 from vlpipe.io import write_bytes_atomic, write_text_atomic
@@ -123,8 +123,9 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     replace = _check_run_dir(job)
     train_spec, val_spec = data_specs(job)
     task = get_task(job.task, (val_spec or train_spec).evaluation())
-    needs = fusion_needs(job.fusion)
     texts = CacheSet(train_spec.text_features) if train_spec.text_features else None
+    tops = _encoder_tops(job, CacheSet(train_spec.features), texts)
+    needs = needs_with_tops(fusion_needs(job.fusion), tops)
     tokenizer, vocab_path = (None, None)
     init_model, init_vocab = _init_defaults(job)
     if "text_ids" in needs:
@@ -143,6 +144,8 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run's recipe
     model = TaskModel(job.fusion, fusion_config, len(vocab), task.images_per_example)
     _initialise(model, job, task, vocab)
+    if tops is not None:
+        model.set_tops(tops)
     meta = {
         "task": task.name,
         "fusion": job.fusion,
@@ -156,6 +159,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         "image_kind": data.images.kind,
         "evaluation": dataclasses.asdict(task.evaluation),
         "init": job.init,
+        "tune": _tune_record(job, tops),
         "config": to_dict(job, saved_only=True),
         "data": _data_identity(data.records),
     }
@@ -171,6 +175,59 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     return train(
         model, task, data, cfg, job.out, meta, val=val, resume=job.resume, progress=job.progress
     )
+
+
+def _encoder_tops(job: TrainJob, images: CacheSet, texts: CacheSet | None):
+    """The encoder tops --tune-top K trains (CachedEncoders), None without it: one per cache
+    that holds a middle layer (the `encoder_block` fact), rebuilt from the weights that made
+    it. Weights given for a cache without one, or --tune-top with none, are errors."""
+    given = {"--vision-weights": job.vision_weights, "--text-weights": job.text_weights}
+    if not job.tune_top:
+        wrong = [flag for flag, value in given.items() if value is not None]
+        if wrong:
+            raise ConfigError(f"{', '.join(wrong)}: only with --tune-top K")
+        return None
+    from vlpipe.fusion.data import grid_of
+    from vlpipe.fusion.encoder_top import CachedEncoders, build_top
+
+    reads_text = job.fusion not in _TOKENIZING  # lxmert / lstm tokenize: no text cache read
+    sides = {"--vision-weights": images, "--text-weights": texts if reads_text else None}
+    tops = {}
+    for flag, caches in sides.items():
+        middle = caches is not None and "encoder_block" in caches.facts
+        if middle and given[flag] is None:
+            raise ConfigError(
+                f"--tune-top: {caches.names} holds the tokens after block "
+                f"{caches.facts['encoder_block'][0]} of {caches.facts['encoder_block'][1]}: pass "
+                f"{flag}, the weights it was made from ('random' for random-init)"
+            )
+        if given[flag] is not None and not middle:
+            what = caches.names if caches is not None else "no cache this fusion reads"
+            raise ConfigError(f"{flag}: {what} holds no middle layer (extract --layer N)")
+        if middle:
+            top = build_top(
+                caches.provenance, given[flag], job.tune_top, facts=caches.facts, cache=caches.names
+            )
+            tops[flag] = top
+    if not tops:
+        raise ConfigError(
+            f"--tune-top {job.tune_top}: no cache holds a middle layer; extract the encoder "
+            "with --layer N (the tokens after block N) to train the blocks above it"
+        )
+    grid = grid_of(images) if "--vision-weights" in tops else None
+    return CachedEncoders(tops.get("--vision-weights"), tops.get("--text-weights"), grid)
+
+
+def _tune_record(job: TrainJob, tops) -> dict[str, Any] | None:
+    """run.json's record of the tops: k, each side's [N, L] block and the patch grid."""
+    if tops is None:
+        return None
+    return {
+        "k": job.tune_top,
+        "vision": [tops.vision.first, tops.vision.total] if tops.vision else None,
+        "text": [tops.text.first, tops.text.total] if tops.text else None,
+        "grid": list(tops.grid) if tops.grid else None,
+    }
 
 
 def _tokenizer_meta(vocab_path: str | None, tokenizer, max_length: int) -> dict[str, Any]:
@@ -237,6 +294,7 @@ def run_identity(meta: dict, train_config: dict) -> dict:
         "image features": encoder_identity(caches.get("image")),
         "text features": encoder_identity(caches.get("text")),
         "training data": meta.get("data"),
+        "tune": meta.get("tune"),
         "train": {k: v for k, v in train_config.items() if k not in RESUMABLE},
     }
     return _flatten(json.loads(json.dumps(identity, default=str)))
@@ -294,11 +352,11 @@ def _shape_changes(saved: dict, meta: dict) -> str:
     on the meta device: no memory, no time); '' when the weights still fit."""
     import torch
 
+    from vlpipe.pipelines.data import model_from_meta
+
     def shapes(m: dict) -> dict[str, tuple]:
-        task = get_task(m["task"])
         with torch.device("meta"):
-            config = make_fusion_config(m["fusion"], m["fusion_config"])
-            model = TaskModel(m["fusion"], config, len(m["answers"]), task.images_per_example)
+            model = model_from_meta(m)
         return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     a, b = shapes(saved), shapes(meta)
