@@ -149,11 +149,13 @@ def build_top(
     *,
     facts: dict[str, Any] | None = None,
     cache: str = "the cache",
+    flag: str = "--weights",
 ) -> EncoderTop:
     """The blocks above a cache's layer, rebuilt from `weights` (a file, a model folder,
     installed:NAME, or "random" for a random-init cache, from its recorded seed), the last `k`
     trainable. `facts`: the cache's declared facts (default: its provenance's preprocessing,
-    which records the same encoder_block); `cache` names it in errors."""
+    which records the same encoder_block); `cache` names it in errors, `flag` the option that
+    gave `weights`."""
     backbone = provenance.get("backbone")
     if backbone not in TOPS:
         raise ConfigError(f"{cache}: a {backbone} cache; top blocks are rebuilt for vit | bert")
@@ -165,7 +167,7 @@ def build_top(
             "are left above it to rebuild; extract with --layer N below the model's depth"
         )
     first, total = block
-    path = check_weights(provenance, weights, cache)
+    path = check_weights(provenance, weights, cache, flag)
     cls, build = TOPS[backbone]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(provenance.get("seed") or 0)  # random-init: as extraction seeded it
@@ -174,31 +176,38 @@ def build_top(
     return cls.from_model(model.requires_grad_(True), first).train_top(k)
 
 
-def check_weights(provenance: dict[str, Any], weights: str, cache: str) -> str | None:
-    """The path to load (None: random-init) once `weights` is what made the cache."""
+def check_weights(
+    provenance: dict[str, Any], weights: str, cache: str, flag: str = "--weights"
+) -> str | None:
+    """The path to load (None: random-init) once `weights` (given as `flag`) is what made
+    the cache."""
     recorded = provenance.get("weights_sha256")
     if weights == "random":
         if recorded != RANDOM_INIT:
             raise WeightsError(
-                f"--weights random: {cache} was made from {provenance.get('weights')} (sha256 "
+                f"{flag} random: {cache} was made from {provenance.get('weights')} (sha256 "
                 f"{recorded}), not random-init weights: pass that file"
             )
         return None
     if recorded == RANDOM_INIT:
         raise WeightsError(
-            f"{weights}: {cache} was made from random-init weights (seed "
+            f"{flag} {weights}: {cache} was made from random-init weights (seed "
             f"{provenance.get('seed')}); pass 'random' to rebuild them from that seed"
         )
     from vlpipe.installed import resolve
     from vlpipe.weights import resolve_weights_file
 
     path = resolve(weights)
-    file = resolve_weights_file(path)
+    try:
+        file = resolve_weights_file(path)
+    except WeightsError as err:
+        raise WeightsError(f"{flag} {err}") from None
     digest = sha256_file(file)
     if digest != recorded:
         raise WeightsError(
-            f"{file}: sha256 {digest}, but {cache} was made from {provenance.get('weights')} "
-            f"with sha256 {recorded}: the top blocks must be those of the weights that made it"
+            f"{flag} {file}: sha256 {digest}, but {cache} was made from "
+            f"{provenance.get('weights')} with sha256 {recorded}: the top blocks must be those "
+            "of the weights that made it"
         )
     return str(path)
 

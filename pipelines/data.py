@@ -147,6 +147,24 @@ def fusion_dims(fusion: str, images: CacheSet, texts: CacheSet | None, vocab_siz
     return fusion_inputs(fusion, cache_widths(images, texts, vocab_size))
 
 
+def check_tune_layers(
+    tune: dict | None, images: CacheSet, texts: CacheSet | None, prefix: str = "--"
+) -> None:
+    """A --tune-top run's encoder tops continue from the layer they were trained on: caches of
+    another layer (the last one included) would go through them without a word, so they are
+    an error, not one of the warnings about another encoder."""
+    for side, caches, flag in (("vision", images, "features"), ("text", texts, "text-features")):
+        block = (tune or {}).get(side)
+        given = caches.facts.get("encoder_block") if caches is not None else None
+        if block and list(given or []) != list(block):
+            what = f"the tokens after block {given[0]}" if given else "the last layer's output"
+            raise DataMismatch(
+                f"{prefix}{flag} {caches.names if caches is not None else '(none)'}: holds {what}, "
+                f"but the run's {side} top continues from block {block[0]} of {block[1]}: "
+                f"give caches extracted with --layer {block[0]}"
+            )
+
+
 def model_from_meta(meta: dict) -> TaskModel:
     """The (untrained) TaskModel a run.json describes: fusion, head and, for a --tune-top run,
     the encoder tops, rebuilt from the caches' provenance with their architecture only (the

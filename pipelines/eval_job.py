@@ -17,7 +17,13 @@ from vlpipe.fusion.model import TaskModel
 from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import evaluate, predict
 from vlpipe.pipelines.configs import DataConfig, EvalConfig, EvaluateJob, ModelSource, PredictJob
-from vlpipe.pipelines.data import DataSpec, build_dataset, fusion_dims, model_from_meta
+from vlpipe.pipelines.data import (
+    DataSpec,
+    build_dataset,
+    check_tune_layers,
+    fusion_dims,
+    model_from_meta,
+)
 from vlpipe.provenance import encoder_identity
 
 if TYPE_CHECKING:
@@ -115,6 +121,7 @@ def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
                 f"{caches}: features of size {value} for {key}, the model in the run was "
                 f"trained on {trained}"
             )
+    check_tune_layers(meta.get("tune"), data.images, data.texts)
     if meta.get("caches") is None:
         return []
     warnings = []

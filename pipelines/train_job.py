@@ -27,7 +27,13 @@ from vlpipe.fusion.tasks import Task, get_task
 from vlpipe.fusion.train import TrainConfig, train
 from vlpipe.io import write_bytes_atomic, write_text_atomic
 from vlpipe.pipelines.configs import TrainJob, preset_layer
-from vlpipe.pipelines.data import DataSpec, _tokenizer, build_dataset, fusion_dims
+from vlpipe.pipelines.data import (
+    DataSpec,
+    _tokenizer,
+    build_dataset,
+    check_tune_layers,
+    fusion_dims,
+)
 from vlpipe.provenance import encoder_identity
 from vlpipe.tokenizer import BERT_VOCAB_SIZE, MAX_LENGTH
 
@@ -136,6 +142,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     val = None
     if val_spec is not None:
         val = build_dataset(val_spec, task, vocab, needs, tokenizer, job.max_length)
+        check_tune_layers(_tune_record(job, tops), val.images, val.texts, "--val-")
     vocab_size = len(tokenizer) if tokenizer is not None else BERT_VOCAB_SIZE
     fusion_config = _fusion_config(
         job, fusion_dims(job.fusion, data.images, data.texts, vocab_size), init_model
@@ -202,11 +209,21 @@ def _encoder_tops(job: TrainJob, images: CacheSet, texts: CacheSet | None):
                 f"{flag}, the weights it was made from ('random' for random-init)"
             )
         if given[flag] is not None and not middle:
-            what = caches.names if caches is not None else "no cache this fusion reads"
-            raise ConfigError(f"{flag}: {what} holds no middle layer (extract --layer N)")
+            if caches is not None:
+                what = f"{caches.names} holds no middle layer (extract --layer N)"
+            elif reads_text:
+                what = "no --text-features cache given"
+            else:
+                what = f"--fusion {job.fusion} reads no text cache (it tokenizes the text)"
+            raise ConfigError(f"{flag}: {what}")
         if middle:
             top = build_top(
-                caches.provenance, given[flag], job.tune_top, facts=caches.facts, cache=caches.names
+                caches.provenance,
+                given[flag],
+                job.tune_top,
+                facts=caches.facts,
+                cache=caches.names,
+                flag=flag,
             )
             tops[flag] = top
     if not tops:
