@@ -27,6 +27,7 @@ from vlpipe.io import atomic_folder, write_text_atomic
 from vlpipe.weights import load_into, load_torch, read_state_dict
 
 LATEST = "LATEST"
+PRETRAIN_KIND = "pretrain"  # run.json's "kind" of a `vlpipe pretrain` run (fine-tuning: none)
 BEST = "BEST"
 KEEP = 2  # checkpoints kept besides the newest and the best
 

@@ -315,16 +315,28 @@ class TaskDataset(Dataset):
         gives no batches). The loader has its own seeded generator: creating it never draws
         from the global torch RNG, which dropout uses, so a resumed run keeps its RNG stream."""
         sampler = range(len(self)) if sampler is None else sampler
-        batches = BatchSampler(sampler, batch_size, drop_last)
-        return DataLoader(
-            self,
-            sampler=batches,
-            batch_size=None,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(seed),
-        )
+        return batch_loader(self, batch_size, sampler, num_workers, drop_last, seed)
+
+
+def batch_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: Sampler | Sequence[int],
+    num_workers: int = 0,
+    drop_last: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader of whole batches of a dataset whose `__getitem__` takes a list of indices
+    (one batched cache read per batch), in `sampler` order, with its own seeded generator."""
+    return DataLoader(
+        dataset,
+        sampler=BatchSampler(sampler, batch_size, drop_last),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def grid_of(images: CacheSet) -> tuple[int, int] | None:

@@ -268,16 +268,12 @@ class CachedEncoders(nn.Module):
             tokens = self.vision(batch["image_tokens"])
             b, n = tokens.shape[:2]
             batch["image_cls"], batch["region_feats"] = tokens[:, 0], tokens
-            boxes = torch.as_tensor(_grid_boxes(self.grid), device=tokens.device)
+            from vlpipe.fusion.data import grid_boxes
+
+            boxes = torch.as_tensor(grid_boxes(self.grid, True), device=tokens.device)
             batch["region_boxes"] = boxes.expand(b, n, 4)
             batch["region_mask"] = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
         if self.text is not None:
             hidden = self.text(batch["text_feats"], batch["text_mask"])
             batch["text_feats"], batch["text_cls"] = hidden, hidden[:, 0]
         return batch
-
-
-def _grid_boxes(grid):
-    from vlpipe.fusion.data import grid_boxes
-
-    return grid_boxes(grid, True)

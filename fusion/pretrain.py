@@ -42,7 +42,7 @@ class PretrainObjective:
     def validate(self, model, data, batch_size, device, num_workers, dist) -> dict[str, Any]:
         """Each task's loss as one mean over the validation split (each rank a share, summed
         over ranks: see `_averaged_over`), their total, and the QA score in percent."""
-        from vlpipe.fusion.train import to_device
+        from vlpipe.fusion.train import _chunks, to_device
 
         info = dist or distributed.DistInfo()
         model.eval().to(device)
@@ -86,11 +86,6 @@ def _averaged_over(task: str, batch: dict[str, torch.Tensor]) -> int:
     if task == "qa":
         return int((batch["qa_target"] >= 0).sum())
     return len(batch["text_ids"])
-
-
-def _chunks(items: list[int], size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _sum_over_ranks(info: distributed.DistInfo, sums: dict[str, float]) -> dict[str, float]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from vlpipe.errors import ConfigError
-from vlpipe.fusion.data import CacheSet, DataMismatch, grid_of, visual_fields
+from vlpipe.fusion.data import CacheSet, DataMismatch, batch_loader, grid_of, visual_fields
 from vlpipe.fusion.pretrain_losses import IGNORE
 from vlpipe.fusion.pretrain_model import TASKS, VISUAL_TASKS
 
@@ -151,9 +151,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _text_part(self, indices: list[int], rngs: list) -> dict[str, np.ndarray]:
         sent = np.array([self._partner(i, rng) for i, rng in zip(indices, rngs, strict=True)])
         matched = (sent == np.array(indices)).astype(np.int64)
-        ids, labels = self.ids[sent].copy(), np.full(self.ids[sent].shape, IGNORE, np.int64)
-        for row, (s, rng) in enumerate(zip(sent, rngs, strict=True)):
-            ids[row], labels[row] = self._mask_words(s, rng)
+        masked = [self._mask_words(s, rng) for s, rng in zip(sent, rngs, strict=True)]
+        ids, labels = np.stack([m[0] for m in masked]), np.stack([m[1] for m in masked])
         out = {"text_ids": ids, "text_mask": self.mask[sent], "mlm_labels": labels}
         if "matched" in self.tasks:
             out["matched"] = matched
@@ -267,14 +266,4 @@ class PretrainDataset(torch.utils.data.Dataset):
         return out
 
     def loader(self, batch_size: int, sampler, num_workers: int = 0, seed: int = 0):
-        from torch.utils.data import BatchSampler, DataLoader
-
-        return DataLoader(
-            self,
-            sampler=BatchSampler(sampler, batch_size, drop_last=False),
-            batch_size=None,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(seed),
-        )
+        return batch_loader(self, batch_size, sampler, num_workers, seed=seed)

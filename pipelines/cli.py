@@ -250,34 +250,31 @@ def _resolved(cls, config, sets, flags, prefixes=None):
 
 
 def _train(config, sets, flags) -> None:
-    from vlpipe.distributed import set_threads
     from vlpipe.pipelines import configs
-    from vlpipe.pipelines.options import flag_names, layers
     from vlpipe.pipelines.train_job import resolve_train, run_train
 
-    try:
-        file_layer, set_layer = layers(config, sets)
-        names = flag_names(configs.TrainJob, TRAIN_PREFIXES)
-        job = resolve_train(file_layer, set_layer, flags.layer(), names=names)
-        set_threads(job.threads)
-        results = run_train(job)
-    except _user_errors() as err:
-        _fail(err)
-    typer.echo(f"{job.out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))
+    _training(configs.TrainJob, resolve_train, run_train, config, sets, flags, TRAIN_PREFIXES)
 
 
 def _pretrain(config, sets, flags) -> None:
-    from vlpipe.distributed import set_threads
     from vlpipe.pipelines import configs
-    from vlpipe.pipelines.options import flag_names, layers
     from vlpipe.pipelines.pretrain_job import resolve_pretrain, run_pretrain
+
+    _training(configs.PretrainJob, resolve_pretrain, run_pretrain, config, sets, flags)
+
+
+def _training(cls, resolve_job, run_job, config, sets, flags, prefixes=None) -> None:
+    """A training job (train, pretrain): resolved over its preset, run, its last validation
+    printed."""
+    from vlpipe.distributed import set_threads
+    from vlpipe.pipelines.options import flag_names, layers
 
     try:
         file_layer, set_layer = layers(config, sets)
-        names = flag_names(configs.PretrainJob)
-        job = resolve_pretrain(file_layer, set_layer, flags.layer(), names=names)
+        names = flag_names(cls, prefixes)
+        job = resolve_job(file_layer, set_layer, flags.layer(), names=names)
         set_threads(job.threads)
-        results = run_pretrain(job)
+        results = run_job(job)
     except _user_errors() as err:
         _fail(err)
     typer.echo(f"{job.out}: done. " + (f"validation: {json.dumps(results)}" if results else ""))

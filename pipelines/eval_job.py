@@ -40,7 +40,7 @@ def load_run(run_dir: Path, which: str | None = None) -> tuple[TaskModel, dict[s
         )
     path, reason = ckpt.select_checkpoint(run_dir, which)
     meta = ckpt.load_meta(path)
-    if meta.get("kind") == "pretrain":
+    if meta.get("kind") == ckpt.PRETRAIN_KIND:
         raise ckpt.RunError(
             f"{run_dir}: a pre-training run (vlpipe pretrain) has no task head: fine-tune it "
             "with `vlpipe train --init` first"

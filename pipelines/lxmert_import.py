@@ -169,14 +169,14 @@ def initialise_from(
 def pretrain_run(path: str | Path, which: str | None = None) -> tuple[Path, dict] | None:
     """(checkpoint folder, its run.json) when `path` is a `vlpipe pretrain` run folder, else
     None. `which`: best | latest | a step (default: best when the run validated)."""
-    from vlpipe.fusion.checkpoint import LATEST, load_meta, select_checkpoint
+    from vlpipe.fusion.checkpoint import LATEST, PRETRAIN_KIND, load_meta, select_checkpoint
 
     path = Path(path)
     if not (path.is_dir() and (path / LATEST).exists()):
         return None
     folder, _ = select_checkpoint(path, which)
     meta = load_meta(folder)
-    return (folder, meta) if meta.get("kind") == "pretrain" else None
+    return (folder, meta) if meta.get("kind") == PRETRAIN_KIND else None
 
 
 def read_init(path: str | Path) -> tuple[LxmertCheckpoint, AnswerList | None]:

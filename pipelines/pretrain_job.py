@@ -36,10 +36,11 @@ from vlpipe.pipelines.train_job import (
     _check_run_dir,
     _flatten,
     _tokenizer_meta,
+    fusion_config,
 )
 from vlpipe.provenance import encoder_identity
 
-KIND = "pretrain"  # run.json's "kind" of a pre-training run
+KIND = ckpt.PRETRAIN_KIND
 HEAD_SIZES = ("num_objects", "num_attrs")  # --model-config keys that size heads, not the backbone
 
 
@@ -148,20 +149,12 @@ def _model_config(job: PretrainJob, images: CacheSet, vocab_size: int, tasks, an
     """The model: the backbone from the caches' width, the tokenizer's size and --model-config;
     the detector's class counts from --model-config, else the cache's detector, else 1600 /
     400."""
-    from vlpipe.fusion.model import make_fusion_config
     from vlpipe.fusion.pretrain_model import PretrainModelConfig
     from vlpipe.pipelines.data import fusion_dims
 
     backbone_fields = {k: v for k, v in job.model.items() if k not in HEAD_SIZES}
     widths = fusion_dims("lxmert", images, None, vocab_size)
-    for key, width in widths.items():
-        if key in backbone_fields and backbone_fields[key] != width:
-            raise ConfigError(
-                f"--model-config {key}={backbone_fields[key]}: the inputs give {width}"
-            )
-    backbone = make_fusion_config(
-        "lxmert", widths, backbone_fields, where="--model-config (pretrain)"
-    )
+    backbone = fusion_config("lxmert", widths, backbone_fields)
     detector = images.provenance.get("model") or {}
     sizes = {
         "num_objects": job.model.get("num_objects", detector.get("num_classes", 1600)),

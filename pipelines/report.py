@@ -79,7 +79,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 
 
 def is_pretraining(run_dir: Path) -> bool:
-    return ckpt.load_meta(ckpt.latest_checkpoint(run_dir)).get("kind") == "pretrain"
+    return ckpt.load_meta(ckpt.latest_checkpoint(run_dir)).get("kind") == ckpt.PRETRAIN_KIND
 
 
 def read_run(run_dir: Path, which: str) -> RunResult:

@@ -272,17 +272,21 @@ def _init_defaults(job: TrainJob) -> tuple[dict, str | None]:
 
 
 def _fusion_config(job: TrainJob, widths: dict[str, int], init: dict | None = None):
-    """The fusion's config: the --init pre-training run's (when it is one), the widths the
-    caches give, then --model-config, each value checked against the fusion's config
-    class."""
+    return fusion_config(job.fusion, widths, job.model, init)
+
+
+def fusion_config(fusion: str, widths: dict[str, int], fields: dict, init: dict | None = None):
+    """The fusion's config: `init` (an --init pre-training run's), the widths the caches give,
+    then the --model-config `fields`, each value checked against the fusion's config class;
+    a field that contradicts a cache's width is an error."""
     for key, width in widths.items():
-        if key in job.model and job.model[key] != width:
+        if key in fields and fields[key] != width:
             raise ConfigError(
-                f"--model-config {key}={job.model[key]}: the caches give {width}; the fusion "
+                f"--model-config {key}={fields[key]}: the caches give {width}; the fusion "
                 "takes its input widths from them"
             )
-    where = f"--model-config ({job.fusion})"
-    return make_fusion_config(job.fusion, init or {}, widths, job.model, where=where)
+    where = f"--model-config ({fusion})"
+    return make_fusion_config(fusion, init or {}, widths, fields, where=where)
 
 
 # TrainConfig fields a resumed run may change: where and how fast it runs, when it stops, and
