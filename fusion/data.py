@@ -7,7 +7,9 @@ workers). Batch fields: region_feats, region_boxes, region_mask (what a model at
 the cache's regions, or its patches / grid cells with the CLS / pooled vector prepended as a
 whole-image region, so K or K + 1 rows; boxes normalised to [0, 1], unlike the cache's pixel
 image_boxes), image_cls, image_tokens (a middle-layer patch cache's CLS + patch tokens, for
-the encoder tops --tune-top trains), text_feats, text_mask, text_cls, text_ids, plus `target`.
+the encoder tops --tune-top trains), pixels (decoded images from fusion/image_files.py's
+ImageFiles, for encoders trained end to end), text_feats, text_mask, text_cls, text_ids, plus
+`target`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vlpipe.provenance import encoder_identity
 from vlpipe.tokenizer import MAX_LENGTH
 
 IMAGE_FIELDS = ("region_feats", "region_boxes", "region_mask", "image_cls", "image_tokens")
+IMAGE_FIELDS += ("pixels",)  # decoded images (fusion/image_files.py), for --finetune full
 TEXT_FIELDS = ("text_feats", "text_mask", "text_cls")
 
 
@@ -121,6 +124,8 @@ def visual_fields(
     """Cache arrays -> model inputs: float32 features, boxes normalised to [0, 1], masks; patch
     and grid caches get the CLS / pooled vector as a first "whole image" region."""
     out = {}
+    if kind == "pixels":
+        return {"pixels": raw["pixels"]}
     if kind == "regions":
         hw = raw["image_hw"].astype(np.float32)
         scale = np.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None, :]
@@ -143,9 +148,11 @@ def visual_fields(
 
 def image_source_fields(kind: str, fields: dict) -> set[str]:
     """Which model inputs an image cache of this kind and fields can provide."""
+    if kind == "pixels":
+        return {"pixels"}
     if kind == "regions":
-        return set(IMAGE_FIELDS) - {"image_tokens"}
-    return set(IMAGE_FIELDS) if "image_feats" in fields else {"image_cls"}
+        return set(IMAGE_FIELDS) - {"image_tokens", "pixels"}
+    return set(IMAGE_FIELDS) - {"pixels"} if "image_feats" in fields else {"image_cls"}
 
 
 class TaskDataset(Dataset):
@@ -166,6 +173,7 @@ class TaskDataset(Dataset):
         self.task, self.records, self.images, self.texts = task, list(records), images, texts
         self.vocab, self.needs = vocab, tuple(needs)
         self.grid = grid_of(images)
+        self.tokenizes = tokenizer is not None and "text_ids" in needs  # ids not from the cache
         self.skipped: dict[str, str] = self._drop_missing() if skip_missing else {}
         self.text_ids = self._tokenize(tokenizer, max_length) if "text_ids" in needs else None
         self.check()
@@ -176,7 +184,7 @@ class TaskDataset(Dataset):
         why = {k: "image not in the caches" for k in self.images.missing(image_keys)}
         failed = self.images.failures()
         why.update({k: f"image failed at extraction: {failed[k]}" for k in why if k in failed})
-        if self.texts is not None and set(self.needs) & {*TEXT_FIELDS, "text_ids"}:
+        if self.reads_text_cache:
             texts_missing = set(self.texts.missing([r.key for r in self.records]))
         else:
             texts_missing = set()
@@ -205,13 +213,19 @@ class TaskDataset(Dataset):
             "text_mask": enc["attention_mask"].astype(bool),
         }
 
+    @property
+    def reads_text_cache(self) -> bool:
+        """Whether a batch reads the text cache (not when the tokenizer gives all it needs)."""
+        own = {"text_ids", "text_mask"} if self.tokenizes else set()
+        return self.texts is not None and bool(set(self.needs) & {*TEXT_FIELDS, "text_ids"} - own)
+
     def check(self) -> None:
         """Fail before the first step when the caches or annotations do not fit the model."""
         if not self.records:
             raise DataMismatch("no annotation records to train or evaluate on")
         self._check_fields()
         self._check_keys(self.images, [k for r in self.records for k in r.image_keys], "image")
-        if self.texts is not None and set(self.needs) & {*TEXT_FIELDS, "text_ids"}:
+        if self.reads_text_cache:
             self._check_keys(self.texts, [r.key for r in self.records], "text")
         n_images = {len(r.image_keys) for r in self.records}
         if n_images != {self.task.images_per_example}:
@@ -277,6 +291,8 @@ class TaskDataset(Dataset):
     def _raw_image_fields(self, wanted: list[str]) -> list[str]:
         """Only the cache fields these model inputs are made from (a CLS-only model must not
         pay for reading patch tokens)."""
+        if self.images.kind == "pixels":
+            return ["pixels"]
         if self.images.kind == "regions":
             raw = {"image_feats", "image_hw", "image_boxes", "image_mask"}
             if wanted == ["image_cls"]:

@@ -130,7 +130,8 @@ def _vit(record: dict[str, Any], weights: str | None) -> nn.Module:
     return model
 
 
-def _bert(record: dict[str, Any], weights: str | None) -> nn.Module:
+def rebuild_bert(record: dict[str, Any], weights: str | None) -> nn.Module:
+    """The BertModel a text cache's model record describes (random-init: None)."""
     from transformers import BertConfig
 
     from vlpipe.extract.bert import load_bert
@@ -139,7 +140,7 @@ def _bert(record: dict[str, Any], weights: str | None) -> nn.Module:
 
 
 # backbone -> (the top's class, how extraction built the full model from its record)
-TOPS = {"vit": (VitTop, _vit), "bert": (BertTop, _bert)}
+TOPS = {"vit": (VitTop, _vit), "bert": (BertTop, rebuild_bert)}
 
 
 def build_top(
@@ -266,14 +267,23 @@ class CachedEncoders(nn.Module):
         batch = dict(batch)
         if self.vision is not None:
             tokens = self.vision(batch["image_tokens"])
-            b, n = tokens.shape[:2]
-            batch["image_cls"], batch["region_feats"] = tokens[:, 0], tokens
-            from vlpipe.fusion.data import grid_boxes
-
-            boxes = torch.as_tensor(grid_boxes(self.grid, True), device=tokens.device)
-            batch["region_boxes"] = boxes.expand(b, n, 4)
-            batch["region_mask"] = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
+            batch["image_cls"] = tokens[:, 0]
+            batch.update(patch_regions(tokens, self.grid))
         if self.text is not None:
             hidden = self.text(batch["text_feats"], batch["text_mask"])
             batch["text_feats"], batch["text_cls"] = hidden, hidden[:, 0]
         return batch
+
+
+def patch_regions(tokens: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The region fields of encoder tokens (B, 1 + P, D: the CLS / pooled vector, then the P
+    patches / cells of `grid`), as fusion/data.py visual_fields makes them from a cache."""
+    from vlpipe.fusion.data import grid_boxes
+
+    b, n = tokens.shape[:2]
+    boxes = torch.as_tensor(grid_boxes(grid, True), device=tokens.device)
+    return {
+        "region_feats": tokens,
+        "region_boxes": boxes.expand(b, n, 4),
+        "region_mask": torch.ones(b, n, dtype=torch.bool, device=tokens.device),
+    }

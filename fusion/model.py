@@ -79,10 +79,11 @@ class TaskModel(nn.Module):
         self.tops = None  # encoder tops trained from middle-layer caches (set_tops)
 
     def set_tops(self, tops: nn.Module) -> None:
-        """Run `tops` (fusion/encoder_top.py CachedEncoders) on each batch before the fusion;
-        an NLVR2 pair is not supported (one image per example)."""
+        """Run `tops` (fusion/encoder_top.py CachedEncoders, fusion/encoder_full.py
+        LiveEncoders) on each batch before the fusion; an NLVR2 pair is not supported (one
+        image per example)."""
         if self.pair > 1:
-            raise ConfigError("--tune-top: tasks with one image per example only")
+            raise ConfigError("--tune-top / --finetune full: tasks with one image per example only")
         self.tops = tops
 
     @property

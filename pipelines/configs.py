@@ -120,10 +120,24 @@ class TrainJob:
         "(0: frozen features)",
         minimum=0,
     )
-    vision_weights: str | None = opt(
-        None, "--tune-top: the ViT weights the image cache was made from ('random' for random-init)"
+    finetune: str | None = opt(
+        None,
+        "full: train the encoders that made the caches end to end with the fusion and head, "
+        "rebuilt from --vision-weights / --text-weights, on the images and texts themselves "
+        "(the caches' dataset listings, decoded and tokenized as at extraction)",
+        choices=("full",),
     )
-    text_weights: str | None = opt(None, "--tune-top: the BERT folder the text cache was made from")
+    grad_checkpointing: bool = opt(
+        False, "--finetune full: recompute the encoders' activations in the backward pass"
+    )
+    vision_weights: str | None = opt(
+        None,
+        "--tune-top / --finetune full: the image encoder's weights the image cache was made "
+        "from ('random' for random-init)",
+    )
+    text_weights: str | None = opt(
+        None, "--tune-top / --finetune full: the BERT folder the text cache was made from"
+    )
     threads: int = opt(0, THREADS_HELP, minimum=0)
     resume: bool = opt(False, "continue the run in --out exactly", save=False)
     accept_changes: bool = opt(

@@ -89,9 +89,22 @@ def _tokenizer(vocab: str | None, texts: CacheSet | None):
 
 
 def build_dataset(
-    spec: DataSpec, task: Task, vocab, needs, tokenizer, max_length: int, records=None
+    spec: DataSpec,
+    task: Task,
+    vocab,
+    needs,
+    tokenizer,
+    max_length: int,
+    records=None,
+    transform=None,
 ) -> TaskDataset:
+    """The examples of `spec` over its caches; a model that reads `pixels` (an image encoder
+    trained end to end) gets the images of the caches' listings, decoded for `transform`."""
     images = CacheSet(spec.features)
+    if "pixels" in needs:
+        from vlpipe.fusion.image_files import ImageFiles
+
+        images = ImageFiles(images, transform)
     texts = CacheSet(spec.text_features) if spec.text_features else None
     prefix = "--val-" if spec.role == "val" else "--"
     _check_modality(images, "image", f"{prefix}features")
@@ -134,7 +147,9 @@ def skip_report(skipped: dict[str, str], total: int, examples: int = 3) -> str:
 
 
 def cache_widths(images: CacheSet, texts: CacheSet | None, vocab_size: int | None) -> dict:
-    """The feature widths a fusion's config can be set from (see FusionSpec.inputs)."""
+    """The feature widths a fusion's config can be set from (see FusionSpec.inputs); images
+    decoded from files (ImageFiles) have those of the caches that list them."""
+    images = getattr(images, "recipe", images)
     fields = images.fields
     feat = fields.get("image_feats", fields.get("image_cls"))[0][-1]
     cls = fields.get("image_cls", fields.get("image_feats"))[0][-1]
@@ -172,6 +187,10 @@ def model_from_meta(meta: dict) -> TaskModel:
     task = get_task(meta["task"])
     config = make_fusion_config(meta["fusion"], meta["fusion_config"])
     model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)
+    if meta.get("finetune"):
+        from vlpipe.pipelines.finetune import live_architecture
+
+        model.set_tops(live_architecture(meta))
     tune = meta.get("tune")
     if tune:
         from vlpipe.fusion.encoder_top import CachedEncoders, rebuild_architecture

@@ -103,6 +103,7 @@ def run_dataset(
         model.needs,
         tokenizer,
         meta["tokenizer"]["max_length"],
+        transform=getattr(model.tops, "transform", None),
     )
     meta["warnings"] = _check_same_features(meta, data)
     return model, task, data, meta
@@ -125,7 +126,10 @@ def _check_same_features(meta: dict, data: TaskDataset) -> list[str]:
     if meta.get("caches") is None:
         return []
     warnings = []
+    live = meta.get("finetune") or {}
     for kind, caches in (("image", data.images), ("text", data.texts)):
+        if caches is None and live.get("vision" if kind == "image" else "text"):
+            continue  # an encoder trained end to end reads its inputs itself: no cache needed
         trained = encoder_identity((meta.get("caches") or {}).get(kind))
         now = encoder_identity(caches.provenance if caches is not None else None)
         differ = [k for k in trained.keys() | now.keys() if trained.get(k) != now.get(k)]

@@ -101,8 +101,9 @@ def _defaults() -> dict[str, Any]:
     return out
 
 
-def build_from_job(job: ExtractJob):
-    """The frozen extractor of the job, its random-init weights seeded by --seed."""
+def build_from_job(job: ExtractJob, warn: bool = True):
+    """The frozen extractor of the job, its random-init weights seeded by --seed (`warn`: say
+    so loudly; not for a model whose weights are loaded next)."""
     import torch
 
     weights = parse_weights(job.weights)
@@ -115,7 +116,7 @@ def build_from_job(job: ExtractJob):
         extractor = _build(job, weights, specific)
     except (TypeError, AssertionError) as err:  # a model config the architecture does not take
         raise ConfigError(f"--model-config {job.model}: {err}") from err
-    if weights is None:
+    if weights is None and warn:
         warn_random(job.backbone)
     return extractor
 

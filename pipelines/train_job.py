@@ -59,8 +59,10 @@ def _check_applies(job: TrainJob, given: dict, names: dict) -> None:
     """An option given (other than at its default) where it does nothing is an error."""
     defaults = {"vocab": None, "max_length": MAX_LENGTH, "answer_table": None}
     defaults |= {"partial_init": False, "init_bert": None, "init": None}
+    defaults |= {"grad_checkpointing": False}
     rules = [
         ("vocab", job.fusion in _TOKENIZING, "only fusions that tokenize (lxmert, lstm)"),
+        ("grad_checkpointing", job.finetune is not None, "only with --finetune full"),
         ("max_length", job.fusion in _TOKENIZING, "only fusions that tokenize (lxmert, lstm)"),
         ("answer_table", job.init is not None, "only with --init"),
         ("partial_init", job.init is not None, "only with --init"),
@@ -129,23 +131,30 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     replace = _check_run_dir(job)
     train_spec, val_spec = data_specs(job)
     task = get_task(job.task, (val_spec or train_spec).evaluation())
+    images = CacheSet(train_spec.features)
     texts = CacheSet(train_spec.text_features) if train_spec.text_features else None
-    tops = _encoder_tops(job, CacheSet(train_spec.features), texts)
+    live = _finetune(job, images, texts)
+    tops = live.encoders if live else _encoder_tops(job, images, texts)
     needs = needs_with_tops(fusion_needs(job.fusion), tops)
-    tokenizer, vocab_path = (None, None)
+    tokenizer, vocab_path, max_length = (None, None, job.max_length)
     init_model, init_vocab = _init_defaults(job)
-    if "text_ids" in needs:
+    if live and live.tokenizer is not None:  # BERT trains: tokenized as its cache was
+        tokenizer, vocab_path, max_length = live.tokenizer, live.vocab_path, live.max_length
+    elif "text_ids" in needs:
         tokenizer, vocab_path = _tokenizer(job.vocab or init_vocab, texts)
-    data = build_dataset(train_spec, task, None, needs, tokenizer, job.max_length)
+    transform = getattr(tops, "transform", None)
+    data = build_dataset(train_spec, task, None, needs, tokenizer, max_length, transform=transform)
     # the answers are counted over the examples that train (after --skip-missing)
     data.vocab = vocab = _answer_vocab(job, task, data.records)
     val = None
     if val_spec is not None:
-        val = build_dataset(val_spec, task, vocab, needs, tokenizer, job.max_length)
+        val = build_dataset(
+            val_spec, task, vocab, needs, tokenizer, max_length, transform=transform
+        )
         check_tune_layers(_tune_record(job, tops), val.images, val.texts, "--val-")
     vocab_size = len(tokenizer) if tokenizer is not None else BERT_VOCAB_SIZE
     fusion_config = _fusion_config(
-        job, fusion_dims(job.fusion, data.images, data.texts, vocab_size), init_model
+        job, fusion_dims(job.fusion, images, texts, vocab_size), init_model
     )
     cfg = job.optim
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run's recipe
@@ -158,7 +167,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         "fusion": job.fusion,
         "fusion_config": dataclasses.asdict(fusion_config),
         "answers": vocab.answers,
-        "tokenizer": _tokenizer_meta(vocab_path, tokenizer, job.max_length),
+        "tokenizer": _tokenizer_meta(vocab_path, tokenizer, max_length),
         "caches": {
             "image": data.images.provenance,
             "text": data.texts.provenance if data.texts else None,
@@ -167,6 +176,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         "evaluation": dataclasses.asdict(task.evaluation),
         "init": job.init,
         "tune": _tune_record(job, tops),
+        "finetune": live.record() if live else None,
         "config": to_dict(job, saved_only=True),
         "data": _data_identity(data.records),
     }
@@ -184,6 +194,22 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     )
 
 
+def _finetune(job: TrainJob, images: CacheSet, texts: CacheSet | None):
+    """--finetune full: the encoders that made the caches, rebuilt to train end to end
+    (pipelines/finetune.py Finetune); None without it."""
+    if job.finetune is None:
+        return None
+    if job.tune_top:
+        raise ConfigError("--tune-top and --finetune full: one or the other")
+    from vlpipe.pipelines.finetune import build_finetune
+
+    sides = {"vision": job.vision_weights, "text": job.text_weights}
+    live = build_finetune(sides, images, texts, reads_text=job.fusion not in _TOKENIZING)
+    if job.grad_checkpointing:
+        live.encoders.gradient_checkpointing()
+    return live
+
+
 def _encoder_tops(job: TrainJob, images: CacheSet, texts: CacheSet | None):
     """The encoder tops --tune-top K trains (CachedEncoders), None without it: one per cache
     that holds a middle layer (the `encoder_block` fact), rebuilt from the weights that made
@@ -192,7 +218,7 @@ def _encoder_tops(job: TrainJob, images: CacheSet, texts: CacheSet | None):
     if not job.tune_top:
         wrong = [flag for flag, value in given.items() if value is not None]
         if wrong:
-            raise ConfigError(f"{', '.join(wrong)}: only with --tune-top K")
+            raise ConfigError(f"{', '.join(wrong)}: only with --tune-top K or --finetune full")
         return None
     from vlpipe.fusion.data import grid_of
     from vlpipe.fusion.encoder_top import CachedEncoders, build_top
@@ -237,7 +263,7 @@ def _encoder_tops(job: TrainJob, images: CacheSet, texts: CacheSet | None):
 
 def _tune_record(job: TrainJob, tops) -> dict[str, Any] | None:
     """run.json's record of the tops: k, each side's [N, L] block and the patch grid."""
-    if tops is None:
+    if tops is None or not job.tune_top:
         return None
     return {
         "k": job.tune_top,
@@ -316,6 +342,7 @@ def run_identity(meta: dict, train_config: dict) -> dict:
         "text features": encoder_identity(caches.get("text")),
         "training data": meta.get("data"),
         "tune": meta.get("tune"),
+        "finetune": meta.get("finetune"),
         "train": {k: v for k, v in train_config.items() if k not in RESUMABLE},
     }
     return _flatten(json.loads(json.dumps(identity, default=str)))

@@ -173,3 +173,24 @@ def test_two_rank_pretraining_trains_and_validates_every_sentence(tmp_path):
     header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {f"loss_{t}" for t in ("mlm", "matched", "obj", "attr", "feat", "qa")} <= set(header)
     assert len(logged_losses(out)) == 6  # 24 sentences / (2 ranks x 4) x 2 epochs
+
+
+def test_two_rank_full_finetuning_equals_one_process_with_double_batch(tmp_path):
+    """--finetune full under torchrun: the ViT (no dropout) trains end to end on the decoded
+    images, split across ranks; the text from its cache. Same losses and weights."""
+    from tests.conftest import vlpipe
+    from tests.test_encoder_top import bert_folder
+    from tests.test_tune_top import EASY, VIT, vit_file
+
+    vit, bert = vit_file(tmp_path / "vit.safetensors"), bert_folder(tmp_path / "bert")
+    common = ["--split", "train", "--out"]
+    vlpipe("extract", *EASY, *VIT, "--weights", vit, "--limit", 4, *common, tmp_path / "v.h5")
+    text = [*EASY, "--backbone", "bert", "--weights", bert, "--limit", 32]
+    vlpipe("extract", *text, *common, tmp_path / "t.h5")
+    data = ["--task", "easy-vqa", "--split", "train", "--limit", 32]
+    data += ["--features", tmp_path / "v.h5", "--text-features", tmp_path / "t.h5"]
+    data += ["--finetune", "full", "--vision-weights", vit]
+    _run([*_train_args(data, tmp_path / "one", 8), "--lr", 1e-3])
+    _run([*_train_args(data, tmp_path / "two", 4), "--lr", 1e-3], torchrun=True)
+    _assert_same_run(tmp_path / "one", tmp_path / "two", steps=8)
+    assert any(k.startswith("tops.vision.model.blocks.") for k in _weights(tmp_path / "two"))
