@@ -41,7 +41,11 @@ class TextRecord:
     label: soft target scores {answer: score} where the source provides them (LXMERT json, VQA).
     extra: what the official metrics read besides the answers: VQA answer_type,
     question_type, multiple_choice_answer (and annotators, rarely); GQA the question types,
-    global group, reasoning steps, balanced flag and entailed questions; easy-VQA answer_type.
+    global group, reasoning steps, balanced flag and entailed questions; easy-VQA answer_type;
+    VCR its item, mode and object references.
+    choices: a multiple-choice example's candidate texts (VCR: 4), each encoded with the image
+    and scored; its answer is the index of the right one ("0".."3"). A text cache holds each
+    candidate under `choice_key(i)`.
     """
 
     key: str
@@ -50,6 +54,17 @@ class TextRecord:
     answers: tuple[str, ...] = ()
     label: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    choices: tuple[str, ...] = ()
+
+    def choice_key(self, i: int) -> str:
+        return f"{self.key}/{i}"
+
+    @property
+    def text_keys(self) -> tuple[str, ...]:
+        """The text cache keys of the record: its own, or its candidates'."""
+        if self.choices:
+            return tuple(self.choice_key(i) for i in range(len(self.choices)))
+        return (self.key,)
 
     @property
     def labelled(self) -> bool:
@@ -62,6 +77,19 @@ T = TypeVar("T")
 
 
 _DIGITS = re.compile(r"(\d+)")
+
+
+def candidate_records(records: list[TextRecord]) -> list[TextRecord]:
+    """The texts a text encoder caches: each record's own, or each of its candidates (under
+    `choice_key(i)`) for a multiple-choice record."""
+    out = []
+    for rec in records:
+        if not rec.choices:
+            out.append(rec)
+            continue
+        for i, text in enumerate(rec.choices):
+            out.append(TextRecord(rec.choice_key(i), text, rec.image_keys))
+    return out
 
 
 def natural_key(key: str) -> tuple:
@@ -97,6 +125,30 @@ def load_json(path: str | Path) -> Any:
         raise InputError(f"{path} is a folder, not an annotation file") from e
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such file") from e
+
+
+def json_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of every non-blank line of a JSON Lines file; a bad line
+    is an AnnotationError naming it."""
+    path = Path(path)
+    try:
+        # bytes, decoded line by line, so that a bad byte is reported on its own line
+        with open(path, "rb") as f:
+            return [(n, _parse_line(raw, path, n)) for n, raw in enumerate(f, 1) if raw.strip()]
+    except IsADirectoryError as e:
+        raise InputError(f"{path} is a folder, not an annotation file") from e
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such file") from e
+
+
+def _parse_line(raw: bytes, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AnnotationError(path, f"line {lineno}", "not UTF-8 text") from e
+    except json.JSONDecodeError as e:
+        reason = f"invalid JSON ({e.msg}); expected one JSON object per line"
+        raise AnnotationError(path, f"line {lineno}", reason) from e
 
 
 def get_field(

@@ -13,6 +13,7 @@ Layouts and keys:
     gqa       root/images/{imageId}.jpg (or root/{imageId}.jpg)           key "{imageId}"
     nlvr2     root/{split}/[{directory}/]{split}-{set}-{pair}-img0.png    key the file stem
     easy-vqa  the installed `easy_vqa` package, split train|test          key "{split}/{id}"
+    vcr       root/<movie>/<frame>.jpg (root: vcr1images/)     key "<movie>/<frame>.jpg", img_fn
 """
 
 from __future__ import annotations
@@ -97,6 +98,16 @@ def nlvr2(root: Path, split: str | None = None, limit: int | None = None) -> lis
     """
     base = _split_dir(Path(root), split, "<split>-<set>-<pair>-img0.png files")
     return _records(((p.stem, p) for p in _scan(base, True)), limit)
+
+
+def vcr(root: Path, split: str | None = None, limit: int | None = None) -> list[ImageRecord]:
+    """VCR's frames, root/<movie>/<frame>.jpg (root: vcr1images/, or the folder holding it);
+    key = the annotations' img_fn, "<movie>/<frame>.jpg"; split unused (one image folder)."""
+    root = Path(root)
+    base = root / "vcr1images" if (root / "vcr1images").is_dir() else root
+    _require_dir(base, "VCR's vcr1images/<movie>/<frame>.jpg")
+    frames = (p for movie in sorted(base.iterdir()) if movie.is_dir() for p in _scan(movie, False))
+    return _records(((p.relative_to(base).as_posix(), p) for p in frames), limit)
 
 
 def easy_vqa(

@@ -10,13 +10,12 @@ answers = (label,) or () when the file has no labels; extra = {"directory"} when
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vlpipe.errors import InputError
 
-from .base import AnnotationError, TextRecord, apply_limit, get_field
+from .base import AnnotationError, TextRecord, apply_limit, get_field, json_lines
 
 LABELS = ("True", "False")
 
@@ -41,7 +40,7 @@ def read_nlvr2(path: str | Path, limit: int | None = None) -> list[TextRecord]:
     path = Path(path)
     records: list[TextRecord] = []
     first_line: dict[str, int] = {}
-    for lineno, item in _json_lines(path):
+    for lineno, item in json_lines(path):
         record = _record(item, path, lineno)
         if record.key in first_line:
             reason = f"identifier {record.key} repeats line {first_line[record.key]}"
@@ -49,23 +48,6 @@ def read_nlvr2(path: str | Path, limit: int | None = None) -> list[TextRecord]:
         first_line[record.key] = lineno
         records.append(record)
     return apply_limit(records, limit)
-
-
-def _json_lines(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for every non-blank line."""
-    # Bytes, decoded line by line, so that a bad byte is reported on its own line.
-    with open(path, "rb") as f:
-        return [(n, _parse(raw, path, n)) for n, raw in enumerate(f, start=1) if raw.strip()]
-
-
-def _parse(raw: bytes, path: Path, lineno: int) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise AnnotationError(path, f"line {lineno}", "not UTF-8 text") from e
-    except json.JSONDecodeError as e:
-        reason = f"invalid JSON ({e.msg}); expected one JSON object per line"
-        raise AnnotationError(path, f"line {lineno}", reason) from e
 
 
 def _record(item: Any, path: Path, lineno: int) -> TextRecord:

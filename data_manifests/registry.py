@@ -7,6 +7,7 @@ TEXT_FORMATS:   name -> reader `(paths, split, limit) -> list[TextRecord]`, one 
     nlvr2     [train.json | dev.json | test1.json]      (JSON Lines)
     lxmert    [LXMERT's preprocessed *.json]
     easy-vqa  [] with split "train" or "test"
+    vcr       [train.jsonl | val.jsonl | test.jsonl]               (JSON Lines, multiple choice)
 Splits that a format does not need are ignored.
 """
 
@@ -23,6 +24,7 @@ from .easy_vqa import read_easy_vqa
 from .gqa import read_gqa
 from .lxmert import read_lxmert
 from .nlvr2 import read_nlvr2
+from .vcr import read_vcr
 from .vqa import read_vqa
 
 ImageListing = Callable[[Path, str | None, int | None], list[ImageRecord]]
@@ -63,6 +65,10 @@ def _easy_vqa(paths: Sequence[Path], split: str | None, limit: int | None) -> li
     return read_easy_vqa(split, limit)
 
 
+def _vcr(paths: Sequence[Path], split: str | None, limit: int | None) -> list[TextRecord]:
+    return read_vcr(_one_path("vcr", paths), limit)
+
+
 IMAGE_DATASETS: dict[str, ImageListing] = {
     "folder": images.folder,
     "coco": images.coco,
@@ -70,6 +76,7 @@ IMAGE_DATASETS: dict[str, ImageListing] = {
     "gqa": images.gqa,
     "nlvr2": images.nlvr2,
     "easy-vqa": images.easy_vqa,
+    "vcr": images.vcr,
 }
 
 TEXT_FORMATS: dict[str, TextReader] = {
@@ -78,6 +85,7 @@ TEXT_FORMATS: dict[str, TextReader] = {
     "nlvr2": _nlvr2,
     "lxmert": _lxmert,
     "easy-vqa": _easy_vqa,
+    "vcr": _vcr,
 }
 
 

@@ -173,7 +173,6 @@ class TaskDataset(Dataset):
         self.task, self.records, self.images, self.texts = task, list(records), images, texts
         self.vocab, self.needs = vocab, tuple(needs)
         self.grid = grid_of(images)
-        self.tokenizes = tokenizer is not None and "text_ids" in needs  # ids not from the cache
         self.skipped: dict[str, str] = self._drop_missing() if skip_missing else {}
         self.text_ids = self._tokenize(tokenizer, max_length) if "text_ids" in needs else None
         self.check()
@@ -184,14 +183,14 @@ class TaskDataset(Dataset):
         why = {k: "image not in the caches" for k in self.images.missing(image_keys)}
         failed = self.images.failures()
         why.update({k: f"image failed at extraction: {failed[k]}" for k in why if k in failed})
-        if self.reads_text_cache:
-            texts_missing = set(self.texts.missing([r.key for r in self.records]))
+        if self.texts is not None and set(self.needs) & {*TEXT_FIELDS, "text_ids"}:
+            texts_missing = set(self.texts.missing([k for r in self.records for k in r.text_keys]))
         else:
             texts_missing = set()
         skipped = {}
         for rec in self.records:
             lost = [why[k] for k in rec.image_keys if k in why]
-            if rec.key in texts_missing:
+            if texts_missing.intersection(rec.text_keys):
                 lost.append("text not in the caches")
             if lost:
                 skipped[rec.key] = "; ".join(lost)
@@ -202,22 +201,17 @@ class TaskDataset(Dataset):
         if tokenizer is None:
             return None  # taken from the text cache
         enc = tokenizer(
-            [r.text for r in self.records],
+            [text for r in self.records for text in (r.choices or (r.text,))],
             padding="max_length",
             truncation=True,
             max_length=max_length,
             return_tensors="np",
         )
+        shape = (len(self.records), self.task.choices) if self.task.choices else (-1,)
         return {
-            "text_ids": enc["input_ids"].astype(np.int64),
-            "text_mask": enc["attention_mask"].astype(bool),
+            "text_ids": enc["input_ids"].astype(np.int64).reshape(*shape, max_length),
+            "text_mask": enc["attention_mask"].astype(bool).reshape(*shape, max_length),
         }
-
-    @property
-    def reads_text_cache(self) -> bool:
-        """Whether a batch reads the text cache (not when the tokenizer gives all it needs)."""
-        own = {"text_ids", "text_mask"} if self.tokenizes else set()
-        return self.texts is not None and bool(set(self.needs) & {*TEXT_FIELDS, "text_ids"} - own)
 
     def check(self) -> None:
         """Fail before the first step when the caches or annotations do not fit the model."""
@@ -225,8 +219,14 @@ class TaskDataset(Dataset):
             raise DataMismatch("no annotation records to train or evaluate on")
         self._check_fields()
         self._check_keys(self.images, [k for r in self.records for k in r.image_keys], "image")
-        if self.reads_text_cache:
-            self._check_keys(self.texts, [r.key for r in self.records], "text")
+        if self.texts is not None and set(self.needs) & {*TEXT_FIELDS, "text_ids"}:
+            self._check_keys(self.texts, [k for r in self.records for k in r.text_keys], "text")
+        n_choices = {len(r.choices) for r in self.records}
+        if n_choices != {self.task.choices}:
+            raise DataMismatch(
+                f"task {self.task.name} expects {self.task.choices or 'no'} candidate texts per "
+                f"example, the annotations have {sorted(n_choices)}"
+            )
         n_images = {len(r.image_keys) for r in self.records}
         if n_images != {self.task.images_per_example}:
             raise DataMismatch(
@@ -310,8 +310,11 @@ class TaskDataset(Dataset):
                 out[name] = torch.from_numpy(value[list(indices)])
         wanted = [f for f in self.needs if f in (*TEXT_FIELDS, "text_ids") and f not in out]
         if wanted and self.texts is not None:
-            raw = self.texts.read([r.key for r in recs], wanted)
-            out.update({k: torch.from_numpy(v) for k, v in raw.items()})
+            raw = self.texts.read([k for r in recs for k in r.text_keys], wanted)
+            shape = (len(recs), self.task.choices) if self.task.choices else (len(recs),)
+            out.update(
+                {k: torch.from_numpy(v).reshape(*shape, *v.shape[1:]) for k, v in raw.items()}
+            )
         for name in ("text_feats", "text_cls"):
             if name in out:
                 out[name] = out[name].float()

@@ -2,11 +2,11 @@
 of an image encoder trained end to end (`vlpipe train --finetune full`).
 
 `ImageFiles` takes the image caches a run names as its recipe: each cache's provenance says
-which dataset listing (name, split, root) it was extracted from, and the listing maps an image
-key to its file, which is decoded (fusion/../extract/images.py, as at extraction) and brought
+which dataset listing (name, split, root) it was extracted from; the listing maps each image
+the cache holds to its file, which is decoded (extract/images.py, as at extraction) and brought
 to the encoder's input size by the extraction transform, in the DataLoader workers. Its one
-field is `pixels` (B, 3, H, W uint8). The images that failed at extraction count as missing.
-"""
+field is `pixels` (B, 3, H, W uint8). The images the caches do not hold (not extracted, or
+failed at extraction) are missing, as they are from the caches themselves."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ PIXELS = "pixels"
 
 
 def listing(caches: CacheSet) -> dict[str, str]:
-    """{image key: file} over the dataset listings the caches were extracted from."""
+    """{image key: file} of the images the caches hold, from the dataset listings they were
+    extracted from (a cache made with --limit holds only some of its listing's images)."""
     from vlpipe.data_manifests.registry import list_images
 
     files: dict[str, str] = {}
@@ -39,7 +40,8 @@ def listing(caches: CacheSet) -> dict[str, str]:
                 f"{cache.path}: its images ({name} {split}, root {root}) cannot be listed on "
                 f"this machine: {err}"
             ) from err
-        files.update((r.key, r.path) for r in records)
+        held = cache.contains([r.key for r in records])
+        files.update((r.key, r.path) for r, ok in zip(records, held, strict=True) if ok)
     return files
 
 
@@ -63,9 +65,10 @@ class ImageFiles:
         return self.recipe.failures()
 
     def missing(self, keys: Sequence[str]) -> list[str]:
-        """Keys without a file in the listing, or whose image failed at extraction."""
-        failed = self.recipe.failures()
-        return [k for k in keys if k not in self.files or k in failed]
+        """Keys the caches do not hold (not extracted, or failed at extraction), or whose
+        file their listing no longer has."""
+        gone = set(self.recipe.missing(keys))
+        return [k for k in keys if k in gone or k not in self.files]
 
     def read(self, keys: Sequence[str], fields: Sequence[str]) -> dict[str, np.ndarray]:
         pixels = np.empty((len(keys), *self.fields[PIXELS][0]), np.uint8)

@@ -2,7 +2,9 @@
 
 A `TaskModel` is a fusion model (pooled multimodal vector) plus a task head. For NLVR2 it
 encodes (image 0, sentence) and (image 1, sentence) with the same fusion model, concatenates the
-two pooled outputs and classifies them, as LXMERT does.
+two pooled outputs and classifies them, as LXMERT does. For a multiple-choice task (VCR) it
+encodes (image, candidate i) for each of the C candidates, the head scores each pooled vector
+(one output) and the C scores are the example's logits (cross-entropy over the candidates).
 """
 
 from __future__ import annotations
@@ -67,23 +69,31 @@ class TaskModel(nn.Module):
         images_per_example: int = 1,
         head_hidden: int | None = None,
         head_dropout: float = 0.0,
+        choices: int = 0,
     ):
         super().__init__()
         _, model_cls = fusion_classes(fusion_name)
         self.fusion_name = fusion_name
         self.fusion = model_cls(fusion_config)
         self.pair = images_per_example
+        self.choices = choices  # candidates per example (multiple choice), 0: none
         in_dim = self.fusion.output_dim * images_per_example
         hidden = head_hidden or 2 * self.fusion.output_dim
-        self.head = ClassifierHead(in_dim, hidden, num_outputs, head_dropout)
+        if choices and num_outputs != choices:
+            raise ConfigError(f"{choices} candidates per example, but {num_outputs} answers")
+        outputs = 1 if choices else num_outputs  # a score per candidate
+        self.head = ClassifierHead(in_dim, hidden, outputs, head_dropout)
         self.tops = None  # encoder tops trained from middle-layer caches (set_tops)
 
     def set_tops(self, tops: nn.Module) -> None:
         """Run `tops` (fusion/encoder_top.py CachedEncoders, fusion/encoder_full.py
         LiveEncoders) on each batch before the fusion; an NLVR2 pair is not supported (one
         image per example)."""
-        if self.pair > 1:
-            raise ConfigError("--tune-top / --finetune full: tasks with one image per example only")
+        if self.pair > 1 or self.choices:
+            raise ConfigError(
+                "--tune-top / --finetune full: tasks with one image and one text per example "
+                "only (not NLVR2, not VCR)"
+            )
         self.tops = tops
 
     @property
@@ -97,8 +107,17 @@ class TaskModel(nn.Module):
         fields = {k: batch[k] for k in self.fusion.needs}
         if self.pair > 1:
             fields = {k: self._pairs(k, v) for k, v in fields.items()}
+        if self.choices:
+            fields = {k: self._candidates(k, v) for k, v in fields.items()}
         pooled = self.fusion(**fields)
-        return self.head(pooled.reshape(-1, self.pair * pooled.shape[-1]))
+        logits = self.head(pooled.reshape(-1, self.pair * pooled.shape[-1]))
+        return logits.reshape(-1, self.choices) if self.choices else logits
+
+    def _candidates(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Text fields B, C, ... -> B*C, ...; the image goes with each candidate."""
+        if name.startswith(IMAGE_PREFIXES):
+            return value.repeat_interleave(self.choices, dim=0)
+        return value.reshape(-1, *value.shape[2:])
 
     def _pairs(self, name: str, value: torch.Tensor) -> torch.Tensor:
         if name.startswith(IMAGE_PREFIXES):  # B, 2, ... -> 2B, ... (image-major within example)

@@ -4,6 +4,10 @@
 - GQA (official eval.py): JSON list [{"questionId": str, "prediction": str}].
 - NLVR2 (lil-lab/nlvr nlvr2/eval/metrics.py): CSV without header, one "identifier,True" or
   "identifier,False" line per example.
+- VCR (the leaderboard; rowanz/r2c models/eval_for_leaderboard.py): CSV with a header, one row
+  per item: annot_id, answer_0..3 (Q->A probabilities), then rationale_conditioned_on_a{j}_{i}
+  for j, i in 0..3 (QA->R probabilities given answer j). A labelled split has the rationale
+  record of its right answer only: the other groups' cells are empty.
 
 Writers replace the target atomically (temporary file in the same folder, then os.replace), so
 an interrupted run never leaves a truncated submission behind. Readers return
@@ -12,6 +16,8 @@ an interrupted run never leaves a truncated submission behind. Readers return
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -104,4 +110,55 @@ def read_nlvr2_predictions(path: PathLike) -> dict[str, bool]:
             if len(fields) != 2:
                 raise InputError(f"{path}:{lineno}: expected 'identifier,True|False': {line!r}")
             pairs.append((fields[0], parse_nlvr2_label(fields[1])))
+    return _to_unique_dict(pairs, path)
+
+
+VCR_GROUPS = ("answer", *(f"rationale_a{j}" for j in range(4)))  # the records of an item
+VCR_COLUMNS = ["annot_id", *(f"answer_{i}" for i in range(4))] + [
+    f"rationale_conditioned_on_a{j}_{i}" for j in range(4) for i in range(4)
+]
+
+
+def _vcr_prefix(group: str) -> str:
+    """The CSV column prefix of a record group: answer, rationale_conditioned_on_a<j>."""
+    return "answer" if group == "answer" else f"rationale_conditioned_on_a{group[-1]}"
+
+
+def write_vcr_submission(path: PathLike, probs: Mapping[str, list[float]]) -> None:
+    """probs: {"<annot_id>/answer" | "<annot_id>/rationale_a<j>": 4 probabilities}."""
+    rows: dict[str, dict[str, str]] = {}
+    for key, values in probs.items():
+        annot_id, _, group = key.rpartition("/")
+        if group not in VCR_GROUPS or len(values) != 4:
+            raise InputError(f"VCR prediction {key!r}: not <annot_id>/answer | rationale_a<j>")
+        prefix = _vcr_prefix(group)
+        row = rows.setdefault(annot_id, {"annot_id": annot_id})
+        row.update({f"{prefix}_{i}": repr(float(v)) for i, v in enumerate(values)})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, VCR_COLUMNS, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows.values())
+    write_text_atomic(path, out.getvalue())
+
+
+def read_vcr_submission(path: PathLike) -> dict[str, str]:
+    """{record key: the arg-max choice "0".."3"} of the groups a leaderboard CSV fills."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != VCR_COLUMNS:
+            raise InputError(f"{path}: not a VCR leaderboard CSV (header {reader.fieldnames})")
+        pairs = []
+        for lineno, row in enumerate(reader, start=2):
+            for group in VCR_GROUPS:
+                prefix = _vcr_prefix(group)
+                cells = [row[f"{prefix}_{i}"] for i in range(4)]
+                if not any(cells):
+                    continue
+                try:
+                    values = [float(c) for c in cells]
+                except ValueError:
+                    raise InputError(
+                        f"{path}:{lineno}: {prefix}_*: {cells} are not numbers"
+                    ) from None
+                pairs.append((f"{row['annot_id']}/{group}", str(values.index(max(values)))))
     return _to_unique_dict(pairs, path)

@@ -5,6 +5,8 @@ vqa       BCE on soft scores (1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4+ -> 1.0), VQA accu
 gqa       softmax cross-entropy over the answer vocab, the GQA eval.py metrics (or label score)
 nlvr2     two images per statement, 2-way cross-entropy, accuracy + consistency
 easy-vqa  13-way cross-entropy, accuracy overall and per answer type (yes/no, color, shape)
+vcr       multiple choice: each of 4 candidates (question + answer_i, or question + answer +
+          rationale_i) scored with the image, cross-entropy over the 4; Q->A, QA->R, Q->AR
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Submission:
     name: str  # default file name in a run folder
     write: Callable[[Path, dict], None]
     read: Callable[[Path], dict]
+    probabilities: bool = False  # `write` takes {key: probabilities}, not {key: answer}
 
 
 _JSON_VQA = Submission(
@@ -67,6 +70,9 @@ _JSON_GQA = Submission(
 _CSV_NLVR2 = Submission(
     "predictions.csv", submission.write_nlvr2_predictions, submission.read_nlvr2_predictions
 )
+_CSV_VCR = Submission(
+    "submission.csv", submission.write_vcr_submission, submission.read_vcr_submission, True
+)
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,9 @@ class Task:
     """What a task is: its loss, answer rule, annotation format, evaluator and submission.
 
     answer_set: the fixed answers (a tuple, or a function giving them, for answers read from an
-    installed package), or None when the vocabulary is counted from the training answers."""
+    installed package), or None when the vocabulary is counted from the training answers.
+    choices: candidates per example of a multiple-choice task (each scored with the image;
+    the answers are their indices), 0 for the others."""
 
     name: str
     loss: str  # "bce" (soft scores) | "ce" (one class)
@@ -85,6 +93,7 @@ class Task:
     submission: Submission = _JSON_GQA
     help: str = ""
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+    choices: int = 0
 
     @property
     def fixed_answers(self) -> tuple[str, ...] | None:
@@ -93,7 +102,7 @@ class Task:
     @property
     def headline(self) -> str:
         """The key of the figure a run is judged by in `evaluate`'s result."""
-        return "overall" if self.name == "vqa" else "accuracy"
+        return {"vqa": "overall", "vcr": "q2ar"}.get(self.name, "accuracy")
 
     def vocab_answer(self, rec: TextRecord) -> str:
         """The one answer per question the vocabulary is counted from."""
@@ -134,6 +143,8 @@ class Task:
         in record order (the annotation file's, which the official evaluators sum in)."""
         if self.name == "nlvr2":
             return metrics.nlvr2_evaluate(preds, {r.key: r.answers[0] for r in recs})
+        if self.name == "vcr":
+            return _vcr_evaluate(preds, recs)
         if self.evaluation.label_scores and self.name in ("vqa", "gqa"):
             result = metrics.label_score_evaluate(
                 preds, {r.key: r.label for r in recs}, _types(recs, "answer_type")
@@ -194,6 +205,16 @@ def _gqa_question(rec: TextRecord) -> metrics.GqaQuestion:
     )
 
 
+def _vcr_evaluate(preds: dict[str, str], recs: Sequence[TextRecord]) -> dict:
+    """Q->A, QA->R and Q->AR over the items whose answer and rationale records are scored."""
+    records: dict[str, dict[str, str]] = {}
+    for rec in recs:
+        records.setdefault(rec.extra["annot_id"], {})[rec.extra["mode"]] = rec.key
+    items = {i: (r["answer"], r["rationale"]) for i, r in records.items() if len(r) == 2}
+    answers = {r.key: r.answers[0] for r in recs}
+    return metrics.vcr_evaluate(preds, answers, items)
+
+
 def _types(recs: Sequence[TextRecord], name: str) -> dict[str, str] | None:
     """{key: type} when every record has the field, else None (no per-type split)."""
     types = {r.key: r.extra[name] for r in recs if name in r.extra}
@@ -235,6 +256,15 @@ TASKS: dict[str, Task] = {
         answer_set=_easy_vqa_answers,
         default_format="easy-vqa",
         help="easy-VQA (PyPI package): 13 answers, accuracy per answer type",
+    ),
+    "vcr": Task(
+        "vcr",
+        "ce",
+        answer_set=("0", "1", "2", "3"),
+        default_format="vcr",
+        submission=_CSV_VCR,
+        choices=4,
+        help="VCR: 4-way multiple choice, Q->A, QA->R and Q->AR accuracy",
     ),
 }
 

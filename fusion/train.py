@@ -604,9 +604,11 @@ def predict(
     device: torch.device,
     num_workers: int = 0,
     dist_info: distributed.DistInfo | None = None,
+    probabilities: dict[str, list[float]] | None = None,
 ) -> dict[str, str]:
     """{record key: predicted answer string}; under torchrun each rank predicts every world-th
-    record and the parts are gathered."""
+    record and the parts are gathered. `probabilities`, when given, is filled with each
+    record's softmax over the answers (the answer-choice probabilities a VCR submission is)."""
     info = dist_info or distributed.DistInfo()
     model.eval().to(device)
     indices = list(range(info.rank, len(data), info.world))
@@ -620,6 +622,13 @@ def predict(
                 logits = model(to_device(batch, device))
             for i, answer in zip(batch_indices, logits.float().argmax(-1).tolist(), strict=True):
                 preds[data.records[i].key] = data.vocab.answer(answer)
+            if probabilities is not None:
+                probs = logits.float().softmax(-1).tolist()
+                probabilities.update(
+                    (data.records[i].key, p) for i, p in zip(batch_indices, probs, strict=True)
+                )
+    if probabilities is not None:
+        probabilities.update(distributed.gather_dicts(info, dict(probabilities)))
     return distributed.gather_dicts(info, preds)
 
 

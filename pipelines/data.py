@@ -186,7 +186,9 @@ def model_from_meta(meta: dict) -> TaskModel:
     checkpoint holds their weights)."""
     task = get_task(meta["task"])
     config = make_fusion_config(meta["fusion"], meta["fusion_config"])
-    model = TaskModel(meta["fusion"], config, len(meta["answers"]), task.images_per_example)
+    model = TaskModel(
+        meta["fusion"], config, len(meta["answers"]), task.images_per_example, choices=task.choices
+    )
     if meta.get("finetune"):
         from vlpipe.pipelines.finetune import live_architecture
 

@@ -169,10 +169,14 @@ def run_predict(job: PredictJob) -> Path:
     model, task, data, meta = _job_dataset(job.model, job.data, None)
     for warning in meta["warnings"]:
         print(f"WARNING: {warning}", file=sys.stderr)
-    preds = predict(model, task, data, job.batch_size, resolve_device(job.device))
+    probs = {} if task.submission.probabilities else None
+    preds = predict(
+        model, task, data, job.batch_size, resolve_device(job.device), probabilities=probs
+    )
     run = job.model.run
     folder = run if run.is_dir() else run.parent  # beside a BEST.pth
-    return task.write_predictions(job.out or folder / task.submission_name, preds)
+    out = job.out or folder / task.submission_name
+    return task.write_predictions(out, probs if probs is not None else preds)
 
 
 def _job_dataset(source: ModelSource, data: DataConfig, scoring: EvalConfig | None):

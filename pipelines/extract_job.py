@@ -174,7 +174,12 @@ def records_for(job: ExtractJob, modality: str) -> list[Any]:
         return registry.list_images(job.dataset, job.root, job.split, job.limit)
     if job.root is not None:
         raise ConfigError("--root: text backbones read --annotations, not an image folder")
-    return registry.read_texts(job.dataset, list(job.annotations), job.split, job.limit)
+    from vlpipe.data_manifests.base import candidate_records
+
+    # a multiple-choice record's candidates are cached one by one
+    return candidate_records(
+        registry.read_texts(job.dataset, list(job.annotations), job.split, job.limit)
+    )
 
 
 def run_extract(job: ExtractJob, opts: RunOptions | None = None) -> Summary:
@@ -192,7 +197,8 @@ def run_extract(job: ExtractJob, opts: RunOptions | None = None) -> Summary:
         raise ConfigError(f"dataset {job.dataset!r} split {job.split!r} has no items")
     if dist.enabled:
         records, opts = records[dist.rank :: dist.world], _rank_options(job.out, opts, dist)
-    info = {"name": job.dataset, "split": job.split, "root": str(job.root) if job.root else None}
+    root = str(Path(job.root).resolve()) if job.root else None  # training may read the images
+    info = {"name": job.dataset, "split": job.split, "root": root}
     info["config"] = to_dict(job, saved_only=True)
     run = extract_images if extractor.modality == "image" else extract_texts
     summary = run(extractor, records, str(job.out), opts, info)

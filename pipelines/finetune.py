@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ def build_finetune(
     out = Finetune(LiveEncoders(vision, None, grid))
     if sides["text"] is not None:
         out.encoders.text = rebuild_text(texts, sides["text"])
-        out.tokenizer, out.vocab_path, out.max_length = text_tokenizer(texts)
+        out.tokenizer, out.vocab_path, out.max_length = text_tokenizer(texts, sides["text"])
     return out
 
 
@@ -113,7 +114,11 @@ def rebuild_vision(images: CacheSet, weights: str | None, check: bool = True) ->
     path = check_weights(prov, weights, name, FLAGS["vision"]) if check else None
     from vlpipe.pipelines.extract_job import build_from_job, resolve_extract
 
-    job = dataclasses.replace(resolve_extract(config), weights=path or "random")
+    job = resolve_extract(config)
+    if path is None:  # the architecture only: the one the weights' file fitted, no conversion
+        cnn = dataclasses.replace(job.cnn, weights_layout=None)
+        job = dataclasses.replace(job, arch=prov["model"]["arch"], cnn=cnn)
+    job = dataclasses.replace(job, weights=path or "random")
     with torch.random.fork_rng(devices=[]):  # the seeded random init extraction used
         extractor = build_from_job(job, warn=False)
     _check_same(extractor.model_record, prov.get("model"), name, "model")
@@ -157,16 +162,34 @@ def rebuild_text(texts: CacheSet, weights: str | None, check: bool = True) -> to
     return model
 
 
-def text_tokenizer(texts: CacheSet):
-    """The tokenizer extraction used for `texts` (its vocab file, sha256-checked), that file
-    and the cache's text length."""
-    from vlpipe.pipelines.data import _tokenizer
+def text_tokenizer(texts: CacheSet, weights: str):
+    """The tokenizer extraction used for `texts`: the vocab.txt of the --text-weights folder,
+    else the file the cache recorded, whichever has the cache's vocab sha256; that file and
+    the cache's text length."""
+    from vlpipe.installed import resolve
+    from vlpipe.provenance import sha256_file
+    from vlpipe.tokenizer import bert_tokenizer, find_vocab
 
-    tokenizer, vocab_path = _tokenizer(None, texts)
-    max_length = texts.facts.get("max_length")
-    if max_length is None:
-        max_length = texts.provenance.get("preprocessing", {}).get("max_length")
-    return tokenizer, vocab_path, int(max_length)
+    prep = texts.provenance.get("preprocessing") or {}
+    declared = texts.facts.get("vocab_sha256") or prep.get("vocab_sha256")
+    tried = []
+    for source in (resolve(weights) if weights != "random" else None, prep.get("vocab")):
+        if source is None:
+            continue
+        try:
+            path = find_vocab(source)
+        except (OSError, ValueError, WeightsError):
+            continue
+        if Path(path).is_file() and sha256_file(path) == declared:
+            max_length = texts.facts.get("max_length") or prep.get("max_length")
+            lowercase = prep.get("lowercase")
+            return bert_tokenizer(path, lowercase), str(path), int(max_length)
+        tried.append(str(path))
+    raise ConfigError(
+        f"{texts.names} was tokenized with a vocab (sha256 {str(declared)[:12]}...) that is not "
+        f"at {' or '.join(tried) or 'its recorded path'}: put that vocab.txt in the "
+        "--text-weights folder"
+    )
 
 
 def _check_same(rebuilt: dict, recorded: dict | None, name: str, what: str) -> None:

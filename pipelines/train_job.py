@@ -140,6 +140,9 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     init_model, init_vocab = _init_defaults(job)
     if live and live.tokenizer is not None:  # BERT trains: tokenized as its cache was
         tokenizer, vocab_path, max_length = live.tokenizer, live.vocab_path, live.max_length
+        train_spec = dataclasses.replace(train_spec, text_features=[])  # a recipe, not read
+        if val_spec is not None:
+            val_spec = dataclasses.replace(val_spec, text_features=[])
     elif "text_ids" in needs:
         tokenizer, vocab_path = _tokenizer(job.vocab or init_vocab, texts)
     transform = getattr(tops, "transform", None)
@@ -158,7 +161,9 @@ def run_train(job: TrainJob) -> dict[str, Any]:
     )
     cfg = job.optim
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run's recipe
-    model = TaskModel(job.fusion, fusion_config, len(vocab), task.images_per_example)
+    model = TaskModel(
+        job.fusion, fusion_config, len(vocab), task.images_per_example, choices=task.choices
+    )
     _initialise(model, job, task, vocab)
     if tops is not None:
         model.set_tops(tops)
@@ -170,7 +175,7 @@ def run_train(job: TrainJob) -> dict[str, Any]:
         "tokenizer": _tokenizer_meta(vocab_path, tokenizer, max_length),
         "caches": {
             "image": data.images.provenance,
-            "text": data.texts.provenance if data.texts else None,
+            "text": texts.provenance if texts else None,  # a live BERT's recipe too
         },
         "image_kind": data.images.kind,
         "evaluation": dataclasses.asdict(task.evaluation),
@@ -379,6 +384,12 @@ def _check_resumable(run_dir: Path, meta: dict, cfg: TrainConfig, accept: bool) 
     now = run_identity(meta, dataclasses.asdict(cfg))
     # what the saved run does not record (it predates that part of the identity) is not compared
     changed = {k: (was[k], now.get(k)) for k in sorted(was) if was[k] != now.get(k)}
+    for key in ("tune", "finetune"):  # frozen then, encoders trained now
+        if key not in was or was[key] is not None:
+            continue
+        section = {n[len(key) + 1 :]: v for n, v in now.items() if n.startswith(f"{key}.")}
+        if section:
+            changed[key] = (None, section)
     if not changed:
         return
     listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])

@@ -217,3 +217,48 @@ def test_wrong_finetune_options_are_clean_errors(caches, tmp_path, args, message
     out = vlpipe("train", *TRAIN_DATA, *args, *OPTIM, "--out", tmp_path / "run", code=1).output
     assert message.format(**caches) in " ".join(out.split()), out
     assert "Traceback" not in out and not (tmp_path / "run" / "LATEST").exists()
+
+
+def test_questions_about_images_the_cache_does_not_hold_are_missing(caches, tmp_path):
+    """The 12-image cache is the recipe: image 12 is in its listing but not in the cache."""
+    args = ["--features", caches["v"], "--text-features", caches["t"], *FULL]
+    args += ["--vision-weights", caches["vit"]]
+    more = ["--task", "easy-vqa", "--split", "train", "--limit", 140, *OPTIM]
+    out = vlpipe("train", *more, *args, "--out", tmp_path / "r", code=1).output
+    assert "image keys of the annotations are not in the images listed for" in out
+
+
+def test_a_frozen_run_does_not_resume_as_a_full_one(caches, tmp_path):
+    frozen = ["train", *TRAIN_DATA, "--features", caches["v"], "--text-features", caches["t"]]
+    vlpipe(*frozen, *OPTIM, "--max-steps", 2, "--out", tmp_path / "r")
+    full = [*FULL, "--vision-weights", caches["vit"], "--resume"]
+    out = vlpipe(*frozen, *OPTIM, *full, "--out", tmp_path / "r", code=1).output
+    assert "cannot resume" in out and "finetune: None -> {'mode': 'full'" in " ".join(out.split())
+
+
+def test_a_cnn_of_converted_weights_evaluates_after_full_finetuning(caches, tmp_path):
+    """EfficientNet-Lite0 in lukemelas' layout (random tensors): the run's architecture is
+    rebuilt without the file, so without its conversion."""
+    from safetensors.torch import save_file
+
+    from tests.test_cnn import KEYS_FILE
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        key: torch.zeros(shape, dtype=torch.int64) if dtype == "int64"
+        else torch.randn(shape, generator=gen) * 0.05
+        for key, shape, dtype in json.loads(KEYS_FILE.read_text())["keys"]
+    }  # fmt: skip
+    weights = tmp_path / "lite0.safetensors"
+    save_file(state, str(weights))
+    cnn = ["--backbone", "cnn", "--weights", weights, "--weights-layout", "lukemelas"]
+    cnn += ["--image-size", 32, "--cls-only", "--num-workers", 0]
+    vlpipe("extract", *EASY, *cnn, "--split", "train", "--limit", 4, "--out", tmp_path / "c.h5")
+    data = ["--task", "easy-vqa", "--split", "train", "--limit", 32]
+    data += ["--features", tmp_path / "c.h5", "--text-features", caches["t"]]
+    run = tmp_path / "run"
+    vlpipe("train", *data, *FULL, "--vision-weights", weights, *OPTIM, "--max-steps", 2,
+           "--out", run)  # fmt: skip
+    got = vlpipe("evaluate", "--run", run, *data[:6], "--features", tmp_path / "c.h5",
+                 "--text-features", caches["t"], "--json").output  # fmt: skip
+    assert json.loads(got.splitlines()[0])["n"] == 32

@@ -7,7 +7,8 @@ printed here equal the official ones to the last digit:
   label-score evaluator for its preprocessed json;
 - `gqa`: the GQA eval.py (accuracy, binary / open, validity, plausibility, consistency,
   distribution, per-type / steps / length accuracy);
-- `nlvr2`: lil-lab/nlvr nlvr2/eval/metrics.py (accuracy and consistency).
+- `nlvr2`: lil-lab/nlvr nlvr2/eval/metrics.py (accuracy and consistency);
+- `vcr`: rowanz/r2c models/eval_q2ar.py (Q->A, QA->R, Q->AR).
 
 The answer-normalisation primitives are shared with the BUTD / LXMERT training-target
 preprocessing in `answers.py`, which uses the same tables.
@@ -16,6 +17,7 @@ preprocessing in `answers.py`, which uses the same tables.
 from .common import exact_match_evaluate, py2_round
 from .gqa import GqaChoices, GqaQuestion, gqa_evaluate
 from .nlvr2 import nlvr2_evaluate, nlvr2_group, parse_nlvr2_label
+from .vcr import vcr_evaluate
 from .vqa import (
     DEFAULT_REVISION,
     REVISIONS,
@@ -38,6 +40,7 @@ __all__ = [
     "gqa_evaluate",
     "label_score_evaluate",
     "nlvr2_evaluate",
+    "vcr_evaluate",
     "nlvr2_group",
     "normalize_answer",
     "parse_nlvr2_label",
