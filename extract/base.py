@@ -57,6 +57,7 @@ class Batch:
     pixels: list[torch.Tensor] = field(default_factory=list)
     hw: list[tuple[int, int]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the items' cache keys
 
     def stacked(self) -> torch.Tensor:
         """The pixels as one B,3,H,W tensor (images the transform brought to one size)."""
@@ -94,6 +95,10 @@ class Extractor(nn.Module):
 
     def preprocessing(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def prepare(self, records: list) -> None:
+        """Read what encoding the records needs besides their pixels (given boxes), and check
+        it before any work; nothing by default."""
 
     def facts(self) -> dict[str, Any]:
         """What a later stage needs to know about the fields, declared in the cache schema

@@ -265,7 +265,8 @@ def _write_image_batch(extractor, batch, writer, device, opts, summary) -> None:
         return
     pixels = [b["pixels"].to(device, non_blocking=True) for b in good]
     with torch.inference_mode(), autocast(device, opts.precision):
-        outputs = extractor.encode(Batch(pixels=pixels, hw=[b["hw"] for b in good]))
+        keys = [b["key"] for b in good]
+        outputs = extractor.encode(Batch(pixels=pixels, hw=[b["hw"] for b in good], keys=keys))
     writer.add([b["key"] for b in good], _to_numpy(outputs, writer.schema))
     summary.written += len(good)
 

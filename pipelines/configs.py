@@ -345,6 +345,13 @@ class FrcnnSection:
     )
     min_boxes: int | None = opt(None, "fewest regions (caffe 36, adaptive 10)", minimum=1)
     max_boxes: int | None = opt(None, "most regions = K stored per image", minimum=1)
+    boxes: str | None = opt(
+        None,
+        "pool the regions at given boxes instead of the detector's: 'metadata' (each image's "
+        "<name>.json beside it, VCR's), or a JSON file {image key: [[x1, y1, x2, y2], ...]} "
+        "(GQA / Visual Genome ground truth, Flickr30k Entities); region 0 is the whole image, "
+        "region i + 1 given box i",
+    )
     conf_threshold: float | None = opt(None, "region confidence", minimum=0.0, maximum=1.0)
     max_size: int | None = opt(None, "cap of the long side (default: the conventions')", minimum=1)
     allow_pickle: bool = opt(False, "allow reading a .pkl checkpoint (unpickling runs code)")

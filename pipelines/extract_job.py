@@ -195,6 +195,7 @@ def run_extract(job: ExtractJob, opts: RunOptions | None = None) -> Summary:
     records = records_for(job, extractor.modality)
     if not records:
         raise ConfigError(f"dataset {job.dataset!r} split {job.split!r} has no items")
+    extractor.prepare(records)  # e.g. the given boxes, read and checked before any work
     if dist.enabled:
         records, opts = records[dist.rank :: dist.world], _rank_options(job.out, opts, dist)
     root = str(Path(job.root).resolve()) if job.root else None  # training may read the images

@@ -110,7 +110,7 @@ def read_run(run_dir: Path, which: str) -> RunResult:
         params=_params(chosen),
         train_seconds=latest.get("train_seconds", state.get("seconds_total")),
         samples_per_s=_samples_per_s(run_dir / "train_log.csv"),
-        inputs=_inputs(meta.get("caches") or {}),
+        inputs=_inputs(meta.get("caches") or {}, _trained_encoders(meta)),
         curve=[(e["step"], e[headline]) for e in evals if "step" in e],
         key=json.dumps(_identity(_config(run_dir), meta), sort_keys=True, default=str),
     )
@@ -183,8 +183,22 @@ def _samples_per_s(log: Path) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _inputs(caches: dict[str, Any]) -> dict[str, str]:
-    """What made each input: backbone, architecture, weights (sha256 prefix or random-init)."""
+def _trained_encoders(meta: dict[str, Any]) -> dict[str, str]:
+    """{"image" | "text": how its encoder trained with the run}: "top K of L" (--tune-top),
+    "fine-tuned" (--finetune full); frozen inputs are not listed."""
+    out = {}
+    tune, full = meta.get("tune") or {}, meta.get("finetune") or {}
+    for role, side in (("image", "vision"), ("text", "text")):
+        if tune.get(side):
+            out[role] = f"top {tune['k']} of {tune[side][1]} blocks trained"
+        elif full.get(side):
+            out[role] = "fine-tuned end to end"
+    return out
+
+
+def _inputs(caches: dict[str, Any], trained: dict[str, str] | None = None) -> dict[str, str]:
+    """What made each input: backbone, architecture, weights (sha256 prefix or random-init),
+    and how its encoder trained with the run when it did (`trained`)."""
     out = {}
     for role in ("image", "text"):
         prov = caches.get(role)
@@ -194,6 +208,8 @@ def _inputs(caches: dict[str, Any]) -> dict[str, str]:
         sha = str(prov.get("weights_sha256", ""))
         weights = "random-init" if sha in ("", "random-init") else f"sha256 {sha[:12]}"
         out[role] = f"{prov.get('backbone')} {arch or ''} ({weights})".replace("  ", " ")
+        if (trained or {}).get(role):
+            out[role] += f", {trained[role]}"
     return out
 
 

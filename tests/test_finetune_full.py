@@ -101,6 +101,10 @@ def test_every_encoder_weight_trains_at_the_encoder_lr(caches, run):
     meta = json.loads((latest(run) / "run.json").read_text())
     assert meta["finetune"] == {"mode": "full", "vision": True, "text": True, "grid": [2, 2]}
     assert meta["tune"] is None and meta["tokenizer"]["vocab"] == "vocab.txt"
+    from vlpipe.pipelines.report import _inputs, _trained_encoders
+
+    inputs = _inputs(meta["caches"], _trained_encoders(meta))  # the report's input columns
+    assert all(v.endswith(", fine-tuned end to end") for v in inputs.values()), inputs
     state = weights(run)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4,
                             embed_dim=32, num_heads=2)  # fmt: skip

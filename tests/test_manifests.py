@@ -503,8 +503,8 @@ def test_easy_vqa_questions() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(IMAGE_DATASETS) == {"folder", "coco", "vg", "gqa", "nlvr2", "easy-vqa"}
-    assert set(TEXT_FORMATS) == {"vqa", "gqa", "nlvr2", "lxmert", "easy-vqa"}
+    assert set(IMAGE_DATASETS) == {"folder", "coco", "vg", "gqa", "nlvr2", "easy-vqa", "vcr"}
+    assert set(TEXT_FORMATS) == {"vqa", "gqa", "nlvr2", "lxmert", "easy-vqa", "vcr"}
     with pytest.raises(ValueError, match="unknown image dataset 'imagenet'.*coco, easy-vqa"):
         list_images("imagenet", Path("."))
     with pytest.raises(ValueError, match="unknown text format 'coco'.*easy-vqa, gqa"):

@@ -66,6 +66,14 @@ def _records(task: str) -> tuple[list[TextRecord], dict[str, str]]:
             for i in range(4)
         ]
         return recs, {"0": "yes", "1": "no", "2": "yes", "3": "2"}
+    if task == "vcr":  # 2 items: the first right on both, the second on its answer only
+        recs = []
+        for i in range(2):
+            for mode, key in (("answer", f"x-{i}/answer"), ("rationale", f"x-{i}/rationale_a1")):
+                extra = {"annot_id": f"x-{i}", "mode": mode}
+                recs.append(TextRecord(key, "q", ("img",), ("1",), extra=extra, choices=("a",) * 4))
+        preds = {"x-0/answer": "1", "x-0/rationale_a1": "1", "x-1/answer": "1"}
+        return recs, preds | {"x-1/rationale_a1": "3"}
     if task == "nlvr2":
         recs = [
             TextRecord(f"dev-{i}-0-0", "s", ("a", "b"), (label,))
@@ -85,7 +93,10 @@ def test_task_submission_round_trip_scores_the_same(tmp_path, name):
     task = get_task(name)
     recs, preds = _records(name)
     direct = task.evaluate(preds, recs)
-    path = task.write_predictions(tmp_path / task.submission_name, preds)
+    written = preds
+    if task.submission.probabilities:  # the answer scored highest
+        written = {k: [0.7 if str(i) == v else 0.1 for i in range(4)] for k, v in preds.items()}
+    path = task.write_predictions(tmp_path / task.submission_name, written)
     assert task.evaluate(task.read_predictions(path), recs) == direct
     assert direct[task.headline] == pytest.approx(direct[task.headline])  # the headline exists
     assert "metric" in direct

@@ -106,6 +106,10 @@ def test_the_frozen_block_is_the_encoders_the_trained_ones_moved(caches, run):
 
     meta = json.loads((latest(run) / "run.json").read_text())
     assert meta["tune"] == {"k": 1, "vision": [2, 4], "text": [2, 4], "grid": [2, 2]}
+    from vlpipe.pipelines.report import _trained_encoders
+
+    assert _trained_encoders(meta) == {"image": "top 1 of 4 blocks trained",
+                                       "text": "top 1 of 4 blocks trained"}  # fmt: skip
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, **VIT_CONFIG)
     vit.load_state_dict(load_file(str(caches["vit"])))
     bert = BertModel.from_pretrained(str(caches["bert"]))

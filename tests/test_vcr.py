@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import vlpipe
@@ -143,6 +144,8 @@ def test_train_evaluate_and_predict_with_each_fusion(vcr, fusion, tmp_path):
            "--num-workers", 0, "--no-progress", "--out", run)  # fmt: skip
     log = [json.loads(line) for line in (run / "eval_log.jsonl").read_text().splitlines()]
     assert {"q2a", "qa2r", "q2ar"} <= log[-1].keys() and log[-1]["n"] == 4
+    if fusion == "concat":  # the paper's VCR recipe, with the flags on top
+        assert 'preset = "concat-vcr"' in (run / "config.toml").read_text()
     got = vlpipe("evaluate", "--run", run, "--checkpoint", "latest", *data, "--annotations",
                  vcr / "val.jsonl", *texts("val"), "--json").output  # fmt: skip
     result = json.loads(got.splitlines()[0])
@@ -187,3 +190,91 @@ def test_the_leaderboard_csv_has_r2c_s_columns_and_scores_back(vcr, tmp_path):
     direct = json.loads(vlpipe("evaluate", "--run", run, *data, *val, "--json")
                         .output.splitlines()[0])  # fmt: skip
     assert scored["q2ar"] == direct["q2ar"] and scored["n"] == 4
+
+
+# ---- region features at given boxes ---------------------------------------------------------
+def frcnn(root, out, *extra) -> tuple:
+    return ("extract", "--backbone", "frcnn", "--root", root, "--out", out, "--weights",
+            "random", "--model-kwargs", '{"tiny": true}', "--image-size", 64, "--max-size", 128,
+            "--num-workers", 0, "--dtype", "float32", "--no-progress", *extra)  # fmt: skip
+
+
+def test_features_at_given_boxes_equal_the_detector_s_at_its_own_proposals(tmp_path):
+    """The boxes the caffe policy kept (its unregressed proposals, stored in original pixels)
+    given back: the regions after the whole image are the detector's own, features, labels
+    and confidences alike."""
+    from tests.conftest import write_image
+    from vlpipe.cache import FeatureCache
+
+    root = tmp_path / "images"
+    for i, size in enumerate([(96, 64), (64, 80)]):
+        write_image(root / f"img{i}.png", size=size, seed=i)
+    own = tmp_path / "own.h5"
+    vlpipe(*frcnn(root, own, "--dataset", "folder", "--max-boxes", 6))
+    cache = FeatureCache(own)
+    keys = sorted(cache.keys())
+    fields = ["image_feats", "image_boxes", "image_mask", "obj_ids", "obj_conf", "attr_conf"]
+    ref = cache.read(keys, fields)
+    table = {k: ref["image_boxes"][i][ref["image_mask"][i]].tolist() for i, k in enumerate(keys)}
+    (tmp_path / "boxes.json").write_text(json.dumps(table))
+    given = tmp_path / "given.h5"
+    vlpipe(*frcnn(root, given, "--dataset", "folder", "--boxes", tmp_path / "boxes.json",
+                  "--max-boxes", 7))  # fmt: skip
+    got = FeatureCache(given).read(keys, fields)
+    for i, key in enumerate(keys):
+        n = int(ref["image_mask"][i].sum())
+        assert got["image_mask"][i].sum() == n + 1
+        assert np.array_equal(got["image_boxes"][i][0], [0, 0, *_size(root, key)])
+        for name in ("image_feats", "image_boxes", "obj_conf", "attr_conf"):
+            np.testing.assert_allclose(got[name][i][1 : n + 1], ref[name][i][:n], rtol=1e-5,
+                                       atol=1e-5, err_msg=f"{key} {name}")  # fmt: skip
+        assert np.array_equal(got["obj_ids"][i][1 : n + 1], ref["obj_ids"][i][:n])
+    prov = FeatureCache(given).provenance
+    assert prov["box_policy"]["name"] == "given" and prov["box_policy"]["source"].endswith(
+        "boxes.json"
+    )
+
+
+def _size(root, key) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(root / f"{key}.png") as img:
+        return img.size
+
+
+def test_vcr_metadata_boxes_are_the_regions_after_the_whole_image(tmp_path):
+    from vlpipe.cache import FeatureCache
+
+    write_images(tmp_path, n=2)
+    out = tmp_path / "r.h5"
+    vlpipe(*frcnn(tmp_path, out, "--dataset", "vcr", "--boxes", "metadata"))
+    cache = FeatureCache(out)
+    got = cache.read(frames(2), ["image_boxes", "image_mask"])
+    meta = json.loads((tmp_path / "vcr1images" / frames(2)[0]).with_suffix(".json").read_text())
+    assert got["image_mask"][0].sum() == 1 + len(meta["boxes"])
+    np.testing.assert_allclose(got["image_boxes"][0][1:5], [b[:4] for b in meta["boxes"]])
+
+
+@pytest.mark.parametrize(
+    ("setup", "extra", "message"),
+    [
+        ("no-meta", ["--boxes", "metadata"], "(the metadata of image"),
+        ("bad-box", ["--boxes", "metadata"], "box 0 [9.0, 3.0, 2.0, 25.0, 0.9] is not"),
+        ("", ["--boxes", "metadata", "--max-boxes", 3], "has 4 boxes, more than --max-boxes 3"),
+        ("", ["--boxes", "metadata", "--box-policy", "adaptive"], "drop --box-policy"),
+    ],
+    ids=["missing-metadata", "bad-box", "too-many", "with-policy"],
+)
+def test_wrong_given_boxes_are_clean_errors_before_any_work(tmp_path, setup, extra, message):
+    images = write_images(tmp_path, n=2)
+    meta = (images / frames(2)[1]).with_suffix(".json")
+    if setup == "no-meta":
+        meta.unlink()
+    if setup == "bad-box":
+        data = json.loads(meta.read_text())
+        data["boxes"][0] = [9.0, 3.0, 2.0, 25.0, 0.9]
+        meta.write_text(json.dumps(data))
+    out = tmp_path / "r.h5"
+    got = vlpipe(*frcnn(tmp_path, out, "--dataset", "vcr", *extra), code=1).output
+    assert message in " ".join(got.split()) and "Traceback" not in got
+    assert not out.exists()

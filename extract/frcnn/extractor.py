@@ -43,7 +43,7 @@ from .conventions import (
 from .convert import checkpoint_conventions, load_checkpoint, model_from_state_dict
 from .model import BUTDFasterRCNN, Detections
 from .preprocess import ResizePlan, preprocess, resize_plan
-from .select import BoxSelection, select_boxes
+from .select import BoxSelection, select_boxes, select_given
 
 DEFAULT_ARCH = "butd-frcnn-r101-c4"
 # What a policy does when --min-boxes / --max-boxes / --conf-threshold are not given and it is
@@ -106,6 +106,7 @@ class BoxPolicy:
     nms_threshold: float | None = None  # caffe / adaptive: per-class NMS
     thresholds: tuple[float, ...] | None = None  # maxnms: tried in turn
     plus_one: bool = False
+    source: str | None = None  # given: where the boxes come from (--boxes)
 
     @classmethod
     def build(
@@ -173,8 +174,8 @@ class BoxPolicy:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         if "thresholds" in fields:
             fields["thresholds"] = list(fields["thresholds"])
-        boxes = "regressed, best class" if self.name == "maxnms" else "unregressed proposals"
-        return {**fields, "boxes": boxes}
+        boxes = {"maxnms": "regressed, best class", "given": "given, whole image first"}
+        return {**fields, "boxes": boxes.get(self.name, "unregressed proposals")}
 
 
 class FrcnnExtractor(Extractor):
@@ -201,6 +202,7 @@ class FrcnnExtractor(Extractor):
         self.transform, self.policy = transform, policy
         self.convention, self.feature_dim = convention, feature_dim
         self.conventions_source = conventions_source or {}
+        self.given: dict[str, Any] | None = None  # --boxes: {key: (N, 4) boxes}, by prepare
 
     @property
     def conventions(self) -> FrcnnConventions:
@@ -213,10 +215,29 @@ class FrcnnExtractor(Extractor):
         """One `Detections` per image."""
         return self.model(images, scales=scales)
 
+    def prepare(self, records: list) -> None:
+        """--boxes: every image's given boxes, read and checked (K holds them and the whole
+        image) before any work."""
+        if self.policy.name != "given":
+            return
+        from .given import read_given_boxes
+
+        self.given = read_given_boxes(self.policy.source, records)
+        k = self.policy.max_boxes
+        over = {key: len(b) for key, b in self.given.items() if len(b) + 1 > k}
+        if over:
+            key, n = next(iter(over.items()))
+            raise ConfigError(
+                f"--boxes {self.policy.source}: image {key} has {n} boxes, more than --max-boxes "
+                f"{k} holds with the whole image ({len(over)} images do): raise --max-boxes"
+            )
+
     def encode(self, batch: Batch) -> dict[str, Tensor]:
         """batch.pixels: B tensors (3, H_i, W_i) from `transform`, batch.hw: the original (h, w)
         of each -> image_feats B,K,D, image_boxes B,K,4 (original pixels), image_mask B,K,
         labels B,K and image_hw B,2."""
+        if self.given is not None:
+            return self._encode_given(batch)
         plans = [self.transform.plan(h, w) for h, w in batch.hw]
         detections = self.detect(batch.pixels, [plan.scale for plan in plans])
         options = self.policy.options()
@@ -225,6 +246,25 @@ class FrcnnExtractor(Extractor):
             for det, plan in zip(detections, plans, strict=True)
         ]
         return {**_stack(rows, batch.hw), "image_hw": batch.image_hw()}
+
+    def _encode_given(self, batch: Batch) -> dict[str, Tensor]:
+        """The regions at each image's given boxes, the whole image first."""
+        device = batch.pixels[0].device
+        boxes, inputs, dets = [], [], []
+        for key, (h, w) in zip(batch.keys, batch.hw, strict=True):
+            given = torch.as_tensor(self.given[key], device=device)
+            rows = torch.cat([given.new_tensor([[0.0, 0.0, w, h]]), given])
+            sy, sx = self.transform.plan(h, w).box_scale
+            boxes.append(rows)
+            inputs.append(rows * rows.new_tensor([sx, sy, sx, sy]))  # into network pixels
+        heads = self.model.features_at(batch.pixels, inputs)
+        for pixels, rows, (feats, probs, attrs) in zip(batch.pixels, inputs, heads, strict=True):
+            size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+            none = rows.new_zeros(len(rows))
+            dets.append(Detections(rows, none, feats, probs, attrs, rows, size))
+        k = self.policy.max_boxes
+        selected = [select_given(d, b, rows=k) for d, b in zip(dets, boxes, strict=True)]
+        return {**_stack(selected, batch.hw), "image_hw": batch.image_hw()}
 
     def preprocessing(self) -> dict[str, Any]:
         # a detectron2 detector reads pixels in its own INPUT.FORMAT order
@@ -368,6 +408,7 @@ def build_frcnn(
     config: str | None = None,
     conventions: str | None = None,
     frcnn_set: Sequence[str] = (),
+    boxes: str | None = None,
     **_,
 ) -> FrcnnExtractor:
     """The registry's builder. Unset box options take the conventions' policy and counts
@@ -375,6 +416,12 @@ def build_frcnn(
     MIN/MAX_DETECTIONS); another policy takes its own defaults (adaptive: 10 to 100)."""
     overrides = _user_overrides(frcnn_set, image_size, max_size)
     impl = impl or "native"
+    if boxes is not None:
+        given = {"--box-policy": box_policy, "--min-boxes": min_boxes}
+        given |= {"--conf-threshold": conf_threshold, "--impl detectron2": impl == "detectron2"}
+        wrong = [flag for flag, value in given.items() if value not in (None, False)]
+        if wrong:
+            raise ConfigError(f"--boxes {boxes}: the regions are given; drop {', '.join(wrong)}")
     if impl == "detectron2":
         from .d2_backend import build_detectron2
 
@@ -400,6 +447,8 @@ def build_frcnn(
         convention, feature_dim = model.config.convention, model.config.feature_dim
     else:
         raise ConfigError(f"unknown --impl {impl!r}; expected native or detectron2")
+    if boxes is not None:  # K: the most given boxes an image may have, plus the whole image
+        policy = BoxPolicy("given", max_boxes or 36, source=boxes, plus_one=False)
     return FrcnnExtractor(
         model,
         weights,

@@ -79,6 +79,19 @@ class BUTDFasterRCNN(nn.Module):
             images, proposals, objectness, features, class_logits, deltas, attr_logits
         )
 
+    def features_at(
+        self, images: Sequence[Tensor], boxes: Sequence[Tensor]
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The region head at given boxes instead of the RPN's proposals: images preprocessed,
+        boxes (N_i, 4) in their pixels -> per image (features N_i, D; class_probs N_i, C + 1;
+        attr_probs N_i, A + 1), as `forward` computes them for its proposals."""
+        maps = [self.backbone(image[None]) for image in images]
+        features, class_logits, _, attr_logits = self.roi_heads(maps, list(boxes))
+        counts = [len(b) for b in boxes]
+        probs = class_logits.softmax(dim=-1).split(counts)
+        attrs = self.attr_probs(attr_logits).split(counts)
+        return list(zip(features.split(counts), probs, attrs, strict=True))
+
     def _propose(self, image: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")

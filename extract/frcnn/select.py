@@ -200,6 +200,13 @@ def select_boxes(
     return POLICIES[policy](det, scale=scale, **options)
 
 
+def select_given(det: Detections, boxes: Tensor, *, rows: int) -> BoxSelection:
+    """Every region of `det` in order (the head run at given boxes, `boxes` in original
+    pixels), zero padded to `rows`."""
+    keep = torch.arange(len(det), device=det.features.device)
+    return _gather(det, keep, boxes, policy="given", rows=rows)
+
+
 def _gather(
     det: Detections, keep: Tensor, boxes: Tensor, *, policy: str, rows: int
 ) -> BoxSelection:
