@@ -12,10 +12,10 @@ per-image metadata json beside each image (vcr1images/<movie>/<frame>.json).
 
 A token is a word or a list of indices into `objects` (an object reference). References become
 text (`render`): a person is called by a name of its own, one of `PERSON_NAMES` by its index in
-`objects` (as r2c, VL-BERT and UNITER give each person a distinct gender-neutral name), any
-other object by its class name ("car"); a list of several reads "Casey and Riley" ("A , B and
-C"). `refs` keeps, for each word of the rendered text, the object it refers to (-1: none), so
-a model can tie the word to the object's box.
+`objects` (r2c and VL-BERT give each person a distinct gender-neutral name from this list; r2c
+numbers the referenced objects only), any other object by its class name ("car"); a list of
+several reads "Casey and Riley" ("A , B and C"). `refs` keeps, for each word of the rendered
+text, the object it refers to (-1: none), so a model can tie the word to the object's box.
 
 Records (multiple choice, `TextRecord.choices`), two for an item with labels:
   {annot_id}/answer          Q->A:  the question; choices "question [SEP] answer_i"; answer

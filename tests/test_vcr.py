@@ -121,13 +121,14 @@ def test_the_text_cache_holds_every_candidate(vcr):
     assert len(FeatureCache(vcr / "t_test.h5").keys()) == 2 * 20
 
 
-FUSIONS = {
-    "concat": [],
-    "cross": ["--model-config", json.dumps({"layers": 1, "hidden": 32, "heads": 2,
-                                            "intermediate": 64})],
-    "lxmert": ["--model-config", json.dumps({"l_layers": 1, "r_layers": 1, "x_layers": 1,
-                                             "hidden": 32, "heads": 2, "intermediate": 64})],
-}  # fmt: skip
+def _tiny(name: str) -> list:
+    from vlpipe.fusion.registry import FUSIONS as REGISTERED
+
+    return ["--model-config", json.dumps(REGISTERED[name].tiny)]
+
+
+FUSIONS = {name: _tiny(name) for name in ("concat", "cross", "lxmert", "lstm")}
+TOKENIZING = ("lxmert", "lstm")
 
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
@@ -135,7 +136,7 @@ def test_train_evaluate_and_predict_with_each_fusion(vcr, fusion, tmp_path):
     data = ["--task", "vcr", "--features", vcr / "v.h5"]
 
     def texts(split: str, flag: str = "--text-features") -> list:
-        return [flag, vcr / f"t_{split}.h5"] if fusion != "lxmert" else []  # lxmert tokenizes
+        return [flag, vcr / f"t_{split}.h5"] if fusion not in TOKENIZING else []
 
     run = tmp_path / "run"
     vlpipe("train", *data, "--annotations", vcr / "train.jsonl", *texts("train"), "--fusion",
