@@ -232,6 +232,12 @@ MIDDLE = ["--features", "{v2}", "--text-features", "{t2}"]
          "missing-file", "k-above-blocks", "lstm-text-weights", "val-last-layer"],
 )  # fmt: skip
 def test_wrong_tune_top_options_are_clean_errors(caches, tmp_path, args, message):
+    assert_train_refused(caches, tmp_path, args, message)
+
+
+def assert_train_refused(caches, tmp_path, args, message) -> None:
+    """`train` with `args` ("{name}" filled from `caches`) exits 1 saying `message`, no
+    traceback, no run written."""
     args = [a.format(**caches) if isinstance(a, str) else a for a in args]
     out = vlpipe("train", *TRAIN_DATA, *args, *OPTIM, "--out", tmp_path / "run", code=1).output
     assert message.format(**caches) in " ".join(out.split()), out
