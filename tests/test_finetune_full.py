@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,3 +273,19 @@ def test_a_cnn_of_converted_weights_evaluates_after_full_finetuning(caches, tmp_
     got = vlpipe("evaluate", "--run", run, *data[:6], "--features", tmp_path / "c.h5",
                  "--text-features", caches["t"], "--json").output  # fmt: skip
     assert json.loads(got.splitlines()[0])["n"] == 32
+
+
+@pytest.mark.gpu
+def test_full_finetuning_on_cuda_with_bf16_autocast(caches, tmp_path):
+    """The same run on the GPU under bf16 autocast (the default --amp): it trains, and its
+    checkpoint evaluates on the CPU as on the GPU (the weights are fp32)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    out = tmp_path / "gpu"
+    vlpipe(*train_args(caches), "--device", "cuda", "--out", out)
+    losses = [float(x) for x in logged_losses(out)]
+    assert len(losses) == 16 and all(np.isfinite(losses))
+    data = ["--split", "test", "--limit", 60, "--features", caches["v_test"], "--json"]
+    cpu, gpu = (json.loads(vlpipe("evaluate", "--run", out, *data, "--device", device)
+                           .output.splitlines()[0]) for device in ("cpu", "cuda"))  # fmt: skip
+    assert abs(cpu["accuracy"] - gpu["accuracy"]) <= 100 / 60 * 2  # bf16 may flip a near tie
