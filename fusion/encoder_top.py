@@ -34,12 +34,13 @@ class EncoderTop(nn.Module):
         self.first, self.total = first, total
         self.frozen = 0  # how many of `blocks` run frozen, from the bottom
 
-    def train_top(self, k: int) -> EncoderTop:
-        """Only the last `k` blocks (and the norm) train; the ones below are frozen."""
+    def train_top(self, k: int, cache: str = "the cache") -> EncoderTop:
+        """Only the last `k` blocks (and the norm) train; the ones below are frozen. `cache`
+        names the cache in the error for a `k` out of range."""
         depth = len(self.blocks)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
             raise ConfigError(
-                f"--tune-top {k!r}: the cache holds the tokens after block {self.first} of "
+                f"--tune-top {k!r}: {cache} holds the tokens after block {self.first} of "
                 f"{self.total}, so 1..{depth} blocks above it can train"
             )
         self.frozen = depth - k
@@ -174,7 +175,7 @@ def build_top(
         torch.manual_seed(provenance.get("seed") or 0)  # random-init: as extraction seeded it
         model = build(provenance["model"], path)
     _check_rebuilt(model, provenance["model"], total, cache)
-    return cls.from_model(model.requires_grad_(True), first).train_top(k)
+    return cls.from_model(model.requires_grad_(True), first).train_top(k, cache)
 
 
 def check_weights(

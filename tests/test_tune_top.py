@@ -218,7 +218,7 @@ MIDDLE = ["--features", "{v2}", "--text-features", "{t2}"]
          "--vision-weights random: {v2} was made from vit.safetensors"),
         ([*MIDDLE, *TUNE, "--vision-weights", "{vit}.missing", "--text-weights", "{bert}"],
          "--vision-weights {vit}.missing: weights file or folder does not exist"),
-        ([*MIDDLE, "--tune-top", 5, *WEIGHTS], "--tune-top 5: the cache holds the tokens after "
+        ([*MIDDLE, "--tune-top", 5, *WEIGHTS], "--tune-top 5: {v2} holds the tokens after "
          "block 2 of 4, so 1..2 blocks"),
         (["--features", "{v2}", "--fusion", "lstm", *TUNE, *WEIGHTS],
          "--text-weights: --fusion lstm reads no text cache"),
