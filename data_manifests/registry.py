@@ -69,6 +69,10 @@ def _vcr(paths: Sequence[Path], split: str | None, limit: int | None) -> list[Te
     return read_vcr(_one_path("vcr", paths), limit)
 
 
+# Text formats whose texts need more tokens than the default (vlpipe.tokenizer.MAX_LENGTH):
+# a VCR QA->R candidate is a question, an answer and a rationale (~40-60 word pieces).
+TEXT_LENGTHS = {"vcr": 128}
+
 IMAGE_DATASETS: dict[str, ImageListing] = {
     "folder": images.folder,
     "coco": images.coco,

@@ -257,7 +257,8 @@ class TaskDataset(Dataset):
             raise DataMismatch(
                 f"{len(missing)} {what} keys of the annotations are not in "
                 f"{caches.names}, e.g. {missing[:5]} (--skip-missing trains on the others; "
-                "validation reads the training caches unless --val-features names its own)"
+                "validation reads the training caches unless --val-features / "
+                "--val-text-features name its own)"
             )
 
     def __len__(self) -> int:

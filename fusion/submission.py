@@ -102,14 +102,18 @@ def write_nlvr2_predictions(path: PathLike, preds: Mapping[str, bool | str]) -> 
 def read_nlvr2_predictions(path: PathLike) -> dict[str, bool]:
     """{identifier: bool} from an NLVR2 predictions CSV; blank lines are skipped."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            fields = line.strip().split(",")
-            if len(fields) != 2:
-                raise InputError(f"{path}:{lineno}: expected 'identifier,True|False': {line!r}")
-            pairs.append((fields[0], parse_nlvr2_label(fields[1])))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.strip().split(",")
+        if len(fields) != 2:
+            raise InputError(f"{path}:{lineno}: expected 'identifier,True|False': {line!r}")
+        pairs.append((fields[0], parse_nlvr2_label(fields[1])))
     return _to_unique_dict(pairs, path)
 
 
@@ -143,22 +147,30 @@ def write_vcr_submission(path: PathLike, probs: Mapping[str, list[float]]) -> No
 
 def read_vcr_submission(path: PathLike) -> dict[str, str]:
     """{record key: the arg-max choice "0".."3"} of the groups a leaderboard CSV fills."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames != VCR_COLUMNS:
-            raise InputError(f"{path}: not a VCR leaderboard CSV (header {reader.fieldnames})")
-        pairs = []
-        for lineno, row in enumerate(reader, start=2):
-            for group in VCR_GROUPS:
-                prefix = _vcr_prefix(group)
-                cells = [row[f"{prefix}_{i}"] for i in range(4)]
-                if not any(cells):
-                    continue
-                try:
-                    values = [float(c) for c in cells]
-                except ValueError:
-                    raise InputError(
-                        f"{path}:{lineno}: {prefix}_*: {cells} are not numbers"
-                    ) from None
-                pairs.append((f"{row['annot_id']}/{group}", str(values.index(max(values)))))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return _vcr_rows(csv.DictReader(f), path)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def _vcr_rows(reader: csv.DictReader, path: PathLike) -> dict[str, str]:
+    """{record key: arg-max choice} of the rows; a short row or a cell that is not a number
+    is an error naming the line."""
+    if reader.fieldnames != VCR_COLUMNS:
+        raise InputError(f"{path}: not a VCR leaderboard CSV (header {reader.fieldnames})")
+    pairs = []
+    for lineno, row in enumerate(reader, start=2):
+        if None in row or None in row.values():  # too many cells, or too few
+            raise InputError(f"{path}:{lineno}: expected {len(VCR_COLUMNS)} cells")
+        for group in VCR_GROUPS:
+            prefix = _vcr_prefix(group)
+            cells = [row[f"{prefix}_{i}"] for i in range(4)]
+            if not any(cells):
+                continue  # a group a labelled split does not fill
+            try:
+                values = [float(c) for c in cells]
+            except ValueError:
+                raise InputError(f"{path}:{lineno}: {prefix}_*: {cells} are not numbers") from None
+            pairs.append((f"{row['annot_id']}/{group}", str(values.index(max(values)))))
     return _to_unique_dict(pairs, path)

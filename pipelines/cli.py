@@ -311,7 +311,8 @@ def _print_results(results: dict, as_json: bool) -> None:
     for warning in results.get("warnings", []):
         typer.secho(f"WARNING: {warning}", fg="yellow", bold=True, err=True)
     if not as_json and "metric" in results:
-        headline = {k: results[k] for k in ("overall", "accuracy") if k in results}
+        figures = ("overall", "accuracy", "q2a", "qa2r", "q2ar")  # the tasks' headlines
+        headline = {k: results[k] for k in figures if k in results}
         typer.echo(f"{results['metric']}: {json.dumps(headline)}", err=True)
     typer.echo(json.dumps(results, indent=None if as_json else 2))
 

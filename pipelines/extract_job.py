@@ -26,6 +26,7 @@ def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
     layers = tuple(_legacy_sections(layer) for layer in layers)
     given = merge_all(*layers)
     job = resolve(ExtractJob, *layers, names=names)
+    job = _text_length(job, given)
     if section_layer and job.backbone not in CNN_BACKBONES:  # a CNN stage, as it always was
         raise ConfigError(
             f"cnn.layer: only for --backbone {' | '.join(CNN_BACKBONES)}, not {job.backbone!r} "
@@ -46,6 +47,16 @@ def resolve_extract(*layers: dict, names: dict | None = None) -> ExtractJob:
             raise ConfigError(
                 f"{flags}: only for --backbone {' | '.join(backbones)}, not {job.backbone!r}"
             )
+    return job
+
+
+def _text_length(job: ExtractJob, given: dict) -> ExtractJob:
+    """--max-length not given: the dataset's own (VCR's candidates are long), else the
+    default."""
+    from vlpipe.data_manifests.registry import TEXT_LENGTHS
+
+    if job.backbone == "bert" and given.get("max_length") is None and job.dataset in TEXT_LENGTHS:
+        return replace(job, max_length=TEXT_LENGTHS[job.dataset])
     return job
 
 

@@ -233,6 +233,11 @@ def transfer_head(
     are, and the rows of its last Linear by answer (zeros for answers it lacks)."""
     if ckpt.head_shape is None:
         return "answer head: none in the checkpoint; the task head starts from BERT init"
+    if model.choices:
+        return (
+            f"answer head: NOT transferred: a {model.choices}-way multiple-choice head scores "
+            "each candidate (one output), which no answer row of the checkpoint's means"
+        )
     if old is None:
         return (
             f"answer head: NOT transferred ({ckpt.head_shape[1]} answers that nothing names); "

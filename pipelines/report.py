@@ -149,11 +149,12 @@ def _name_without_seed(name: str) -> str:
 
 def _metrics(row: dict[str, Any], headline: str) -> dict[str, float]:
     """The headline, then the breakdown: per answer type (VQA, easy-VQA), or the task's other
-    figures (GQA binary / open / validity..., NLVR2 consistency)."""
+    figures (GQA binary / open / validity..., NLVR2 consistency, VCR Q->A and QA->R)."""
     out = {headline: float(row[headline])}
     for kind, value in (row.get("perAnswerType") or {}).items():
         out[kind] = float(value)
-    for key in ("binary", "open", "validity", "plausibility", "consistency", "distribution"):
+    others = ("binary", "open", "validity", "plausibility", "consistency", "distribution")
+    for key in (*others, "q2a", "qa2r"):  # GQA, NLVR2; VCR's Q->A and QA->R beside Q->AR
         if isinstance(row.get(key), (int, float)):
             out[key] = float(row[key])
     return out

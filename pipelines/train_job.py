@@ -48,11 +48,23 @@ def resolve_train(*layers: dict, names: dict | None = None) -> TrainJob:
     name, preset = preset_layer(top.get("preset"), top.get("fusion", "concat"), top.get("task", ""))
     job = resolve(TrainJob, preset, *layers, names=names)
     _check_applies(job, merge_all(preset, top), names or {})
+    job = _text_length(job, merge_all(preset, top))
     return dataclasses.replace(job, preset=name) if name else job
 
 
 # Options that apply only to some jobs: (field, when it applies, what to say otherwise).
 _TOKENIZING = ("lxmert", "lstm")
+
+
+def _text_length(job: TrainJob, given: dict) -> TrainJob:
+    """A fusion that tokenizes, --max-length not given: the annotations' own length where
+    their texts are long (VCR), else the default."""
+    from vlpipe.data_manifests.registry import TEXT_LENGTHS
+
+    fmt = job.data.annotations_format or get_task(job.task).default_format
+    if job.fusion in _TOKENIZING and given.get("max_length") is None and fmt in TEXT_LENGTHS:
+        return dataclasses.replace(job, max_length=TEXT_LENGTHS[fmt])
+    return job
 
 
 def _check_applies(job: TrainJob, given: dict, names: dict) -> None:

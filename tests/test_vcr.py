@@ -32,7 +32,8 @@ def test_records_of_labelled_and_test_items(tmp_path):
     path.write_text(json.dumps(item(0, frames()[0])) + "\n\n" + json.dumps(item(1, frames()[1])))
     recs = read_vcr(path)
     assert [r.key for r in recs] == ["x-0/answer", "x-0/rationale_a0", "x-1/answer",
-                                     "x-1/rationale_a0"]  # fmt: skip
+                                     "x-1/rationale_a1"]  # fmt: skip
+    assert [r.answers for r in recs] == [("0",), ("1",), ("1",), ("2",)]
     answer, rationale = recs[:2]
     assert answer.text == "What is Casey and Riley red?" and answer.answers == ("0",)
     assert answer.choices[1] == "What is Casey and Riley red? [SEP] Casey is blue ."
@@ -116,6 +117,7 @@ def vcr(tmp_path_factory):
 def test_the_text_cache_holds_every_candidate(vcr):
     from vlpipe.cache import FeatureCache
 
+    assert FeatureCache(vcr / "t_train.h5").schema.facts["max_length"] == 128  # VCR's default
     keys = set(FeatureCache(vcr / "t_train.h5").keys())
     assert len(keys) == 8 * 8 and "x-0/answer/3" in keys and "x-0/rationale_a0/0" in keys
     assert len(FeatureCache(vcr / "t_test.h5").keys()) == 2 * 20
@@ -125,6 +127,49 @@ def _tiny(name: str) -> list:
     from vlpipe.fusion.registry import FUSIONS as REGISTERED
 
     return ["--model-config", json.dumps(REGISTERED[name].tiny)]
+
+
+def test_every_candidate_meets_its_own_features_and_the_image(vcr):
+    """Batches in a shuffled order: text_cls[b, c] is candidate c of record b's cache row, the
+    image the record's; the model pairs them so (B*4 rows, image repeated per candidate)."""
+    import torch
+
+    from vlpipe.data_manifests.registry import read_texts
+    from vlpipe.fusion.answers import AnswerVocab
+    from vlpipe.fusion.data import CacheSet, TaskDataset
+    from vlpipe.fusion.model import TaskModel
+    from vlpipe.fusion.tasks import get_task
+
+    task = get_task("vcr")
+    images, texts = CacheSet([vcr / "v.h5"]), CacheSet([vcr / "t_train.h5"])
+    records = read_texts("vcr", [vcr / "train.jsonl"])
+    needs = ("image_cls", "text_cls")
+    data = TaskDataset(task, records, images, texts, AnswerVocab(["0", "1", "2", "3"]), needs)
+    order = [5, 0, 11, 3, 8]
+    batch = data[order]
+    assert batch["text_cls"].shape[:2] == (5, 4) and batch["target"].tolist() == [
+        int(records[i].answers[0]) for i in order
+    ]
+    for b, i in enumerate(order):
+        rows = texts.read(list(records[i].text_keys), ["text_cls"])["text_cls"]
+        assert torch.equal(batch["text_cls"][b], torch.from_numpy(rows).float())
+        own = images.read([records[i].image_keys[0]], ["image_cls"])["image_cls"][0]
+        assert torch.equal(batch["image_cls"][b], torch.from_numpy(own).float())
+    model = TaskModel("concat", _concat_config(data), 4, choices=4)
+    image_rows = model._candidates("image_cls", batch["image_cls"])
+    text_rows = model._candidates("text_cls", batch["text_cls"])
+    for b in range(5):
+        for c in range(4):  # row 4b + c: record b's image with its candidate c
+            assert torch.equal(image_rows[4 * b + c], batch["image_cls"][b])
+            assert torch.equal(text_rows[4 * b + c], batch["text_cls"][b, c])
+    assert model(batch).shape == (5, 4)
+
+
+def _concat_config(data):
+    from vlpipe.fusion.model import make_fusion_config
+    from vlpipe.pipelines.data import fusion_dims
+
+    return make_fusion_config("concat", fusion_dims("concat", data.images, data.texts, 0))
 
 
 FUSIONS = {name: _tiny(name) for name in ("concat", "cross", "lxmert", "lstm")}
@@ -147,6 +192,8 @@ def test_train_evaluate_and_predict_with_each_fusion(vcr, fusion, tmp_path):
     assert {"q2a", "qa2r", "q2ar"} <= log[-1].keys() and log[-1]["n"] == 4
     if fusion == "concat":  # the paper's VCR recipe, with the flags on top
         assert 'preset = "concat-vcr"' in (run / "config.toml").read_text()
+    if fusion in TOKENIZING:  # a QA->R candidate needs more than the default 20 tokens
+        assert "max_length = 128" in (run / "config.toml").read_text()
     got = vlpipe("evaluate", "--run", run, "--checkpoint", "latest", *data, "--annotations",
                  vcr / "val.jsonl", *texts("val"), "--json").output  # fmt: skip
     result = json.loads(got.splitlines()[0])
@@ -244,16 +291,22 @@ def _size(root, key) -> tuple[int, int]:
 
 
 def test_vcr_metadata_boxes_are_the_regions_after_the_whole_image(tmp_path):
+    """Object i is region i + 1; a box past the frame is pooled as clipped to it (here: the
+    whole frame, region 0's box)."""
     from vlpipe.cache import FeatureCache
 
-    write_images(tmp_path, n=2)
+    images = write_images(tmp_path, n=2)
+    meta_file = (images / frames(2)[0]).with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    meta["boxes"].append([-5.0, -5.0, 100.0, 100.0, 0.5])
+    meta_file.write_text(json.dumps(meta))
     out = tmp_path / "r.h5"
     vlpipe(*frcnn(tmp_path, out, "--dataset", "vcr", "--boxes", "metadata"))
-    cache = FeatureCache(out)
-    got = cache.read(frames(2), ["image_boxes", "image_mask"])
-    meta = json.loads((tmp_path / "vcr1images" / frames(2)[0]).with_suffix(".json").read_text())
-    assert got["image_mask"][0].sum() == 1 + len(meta["boxes"])
-    np.testing.assert_allclose(got["image_boxes"][0][1:5], [b[:4] for b in meta["boxes"]])
+    got = FeatureCache(out).read(frames(2), ["image_boxes", "image_mask", "image_feats"])
+    assert got["image_mask"][0].sum() == 1 + len(meta["boxes"]) == 6
+    np.testing.assert_allclose(got["image_boxes"][0][1:5], [b[:4] for b in meta["boxes"][:4]])
+    np.testing.assert_allclose(got["image_boxes"][0][5], [0, 0, 40, 30])
+    np.testing.assert_allclose(got["image_feats"][0][5], got["image_feats"][0][0], atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -279,3 +332,15 @@ def test_wrong_given_boxes_are_clean_errors_before_any_work(tmp_path, setup, ext
     got = vlpipe(*frcnn(tmp_path, out, "--dataset", "vcr", *extra), code=1).output
     assert message in " ".join(got.split()) and "Traceback" not in got
     assert not out.exists()
+
+
+def test_a_broken_leaderboard_csv_is_a_clean_error(vcr, tmp_path):
+    from vlpipe.fusion.submission import VCR_COLUMNS
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join(VCR_COLUMNS) + "\nx-8,0.1,0.2\n")
+    args = ["score", "--task", "vcr", "--predictions", bad, "--annotations", vcr / "val.jsonl"]
+    out = vlpipe(*args, code=1).output
+    assert f"{bad}:2: expected 21 cells" in " ".join(out.split()) and "Traceback" not in out
+    bad.write_bytes(b"\xff\xfe annot_id")
+    assert "not UTF-8 text" in vlpipe(*args, code=1).output

@@ -31,7 +31,7 @@ def write_images(root: Path, n: int = 6) -> Path:
 
 
 def item(i: int, img_fn: str, labelled: bool = True) -> dict:
-    """Item i: the right answer and rationale name the frame's colour word."""
+    """Item i: answer i % 4 and rationale (i + 1) % 4 are the right ones."""
     word = WORDS[i % len(WORDS)]
     answers = [[[0], "is", WORDS[(i + k) % len(WORDS)], "."] for k in range(4)]
     rationales = [["because", [2, 3], "look", WORDS[(i + k) % len(WORDS)]] for k in range(4)]
@@ -45,7 +45,7 @@ def item(i: int, img_fn: str, labelled: bool = True) -> dict:
         "rationale_choices": rationales,
     }
     if labelled:
-        out |= {"answer_label": 0, "rationale_label": 0}
+        out |= {"answer_label": i % 4, "rationale_label": (i + 1) % 4}
     return out
 
 

@@ -254,6 +254,7 @@ class FrcnnExtractor(Extractor):
         for key, (h, w) in zip(batch.keys, batch.hw, strict=True):
             given = torch.as_tensor(self.given[key], device=device)
             rows = torch.cat([given.new_tensor([[0.0, 0.0, w, h]]), given])
+            rows = torch.minimum(rows.clamp(min=0), rows.new_tensor([w, h, w, h]))  # as stored
             sy, sx = self.transform.plan(h, w).box_scale
             boxes.append(rows)
             inputs.append(rows * rows.new_tensor([sx, sy, sx, sy]))  # into network pixels
