@@ -344,3 +344,28 @@ def test_a_broken_leaderboard_csv_is_a_clean_error(vcr, tmp_path):
     assert f"{bad}:2: expected 21 cells" in " ".join(out.split()) and "Traceback" not in out
     bad.write_bytes(b"\xff\xfe annot_id")
     assert "not UTF-8 text" in vlpipe(*args, code=1).output
+
+
+def test_an_lxmert_answer_head_is_not_poured_into_the_choice_head(vcr):
+    """--init of a QA checkpoint whose answers include "0".."3": those rows score counts, not
+    candidates; the multiple-choice head keeps its own init."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlpipe.fusion.answer_tables import AnswerList
+    from vlpipe.fusion.data import CacheSet
+    from vlpipe.fusion.model import TaskModel, make_fusion_config
+    from vlpipe.pipelines.data import fusion_dims
+    from vlpipe.pipelines.lxmert_import import transfer_head
+
+    dims = fusion_dims("concat", CacheSet([vcr / "v.h5"]), CacheSet([vcr / "t_train.h5"]), 0)
+    model = TaskModel("concat", make_fusion_config("concat", dims), 4, choices=4)
+    before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    head = {k: torch.randn_like(v) for k, v in before.items()}
+    head["net.4.weight"], head["net.4.bias"] = torch.randn(10, 8), torch.randn(10)
+    ckpt = SimpleNamespace(head_shape=(8, 10), head=head, source="lxmert.pth")
+    table = AnswerList("answers", [str(i) for i in range(10)])
+    said = transfer_head(model, ckpt, ["0", "1", "2", "3"], table)
+    assert "NOT transferred: a 4-way multiple-choice head" in said
+    assert all(torch.equal(v, before[k]) for k, v in model.head.state_dict().items())
