@@ -620,13 +620,12 @@ def predict(
         ):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(to_device(batch, device))
-            for i, answer in zip(batch_indices, logits.float().argmax(-1).tolist(), strict=True):
-                preds[data.records[i].key] = data.vocab.answer(answer)
+            logits = logits.float()
+            keys = [data.records[i].key for i in batch_indices]
+            for key, answer in zip(keys, logits.argmax(-1).tolist(), strict=True):
+                preds[key] = data.vocab.answer(answer)
             if probabilities is not None:
-                probs = logits.float().softmax(-1).tolist()
-                probabilities.update(
-                    (data.records[i].key, p) for i, p in zip(batch_indices, probs, strict=True)
-                )
+                probabilities.update(zip(keys, logits.softmax(-1).tolist(), strict=True))
     if probabilities is not None:
         probabilities.update(distributed.gather_dicts(info, dict(probabilities)))
     return distributed.gather_dicts(info, preds)
